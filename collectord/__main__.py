@@ -1,0 +1,3 @@
+from collectord.cli import main
+
+raise SystemExit(main())

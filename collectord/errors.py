@@ -1,0 +1,72 @@
+"""One exception tree for the supervisor side; each class carries its exit code.
+
+The CLI catches CollectordError at the top, prints str(err) as one line and exits
+with err.exit_code. Nothing below it prints tracebacks for these.
+"""
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 2
+EX_NOTRUNNING = 3  # LSB status: program is not running
+EX_CONFIG = 78  # sysexits.h EX_CONFIG: a restart cannot fix it
+
+
+class CollectordError(Exception):
+    """Root of every error collectord raises on purpose."""
+
+    exit_code = EX_FAILURE
+
+
+class ConfigError(CollectordError):
+    """A bad configuration value; the message names file, section and key."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, message, *, path=None, section=None, key=None):
+        self.path, self.section, self.key = path, section, key
+        where = ", ".join(
+            part
+            for part in (
+                str(path) if path else None,
+                f"[{section}]" if section else None,
+                key,
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class AlreadyRunning(CollectordError):
+    """start found a live daemon holding the PID file lock."""
+
+    exit_code = EX_FAILURE
+
+
+class NotRunning(CollectordError):
+    """A command that needs a running daemon found none."""
+
+    exit_code = EX_NOTRUNNING
+
+
+class PidFileError(CollectordError):
+    """The PID file cannot be created, locked or trusted (symlink, foreign owner)."""
+
+    exit_code = EX_FAILURE
+
+
+class StartError(CollectordError):
+    """The daemon failed before it became ready; the message says why."""
+
+    exit_code = EX_FAILURE
+
+
+class StopTimeout(CollectordError):
+    """stop gave up waiting for the daemon to release its lock."""
+
+    exit_code = EX_FAILURE
+
+
+class UnreachableError(CollectordError):
+    """check: the database or the exchange did not answer."""
+
+    exit_code = EX_FAILURE

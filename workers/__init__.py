@@ -1,0 +1,1 @@
+"""workers: the collector side. One process body per collector; never imports collectord."""
