@@ -1,0 +1,111 @@
+"""One log for every collectord process; each line names its process.
+
+Line format: `2026-11-28 15:50:00,123 collectord: trades.0[4242] INFO workers.trades: ...`.
+The supervisor sets the handlers up once (setup); children inherit them across
+the fork and call set_process_name() so their lines say who they are. The file
+handler is a WatchedFileHandler: after logrotate renames the file, every
+process reopens it on its next line (and reopen() does so at once on SIGHUP).
+`logfile = -` or foreground mode logs to stderr instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+FORMAT = "%(asctime)s %(proc_title)s[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class _ProcessName(logging.Filter):
+    """Stamps each record with the process's collectord name (set after the fork)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.title = "collectord: supervisor"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.proc_title = self.title
+        return True
+
+
+_name_filter = _ProcessName()
+
+
+def set_process_name(name: str) -> None:
+    """Lines from this process now read `collectord: <name>[pid]`."""
+    _name_filter.title = f"collectord: {name}"
+
+
+def _ours(handler: logging.Handler) -> bool:
+    return getattr(handler, "_collectord", False)
+
+
+def setup(logfile: str, loglevel: str = "INFO", *, foreground: bool = False) -> logging.Handler:
+    """Install the one collectord handler on the root logger (replacing a previous one).
+
+    Creates the log directory if needed. Returns the handler.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if _ours(handler):
+            root.removeHandler(handler)
+            handler.close()
+    if foreground or not logfile or logfile == "-":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        os.makedirs(os.path.dirname(logfile) or ".", exist_ok=True)
+        handler = logging.handlers.WatchedFileHandler(logfile, encoding="utf-8")
+    handler._collectord = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(_name_filter)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, loglevel.upper(), logging.INFO))
+    return handler
+
+
+def reopen() -> None:
+    """Reopen every collectord log file now (SIGHUP / SIGUSR1, after logrotate)."""
+    for handler in logging.getLogger().handlers:
+        if _ours(handler) and isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler.acquire()
+            try:
+                if handler.stream:
+                    handler.stream.flush()
+                    handler.stream.close()
+                handler.stream = handler._open()
+                handler._statstream()
+            finally:
+                handler.release()
+
+
+def set_level(loglevel: str) -> None:
+    logging.getLogger().setLevel(getattr(logging, loglevel.upper(), logging.INFO))
+
+
+def fds() -> set[int]:
+    """File descriptors the log handlers write to (a child keeps these open)."""
+    out = set()
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        try:
+            if stream is not None:
+                out.add(stream.fileno())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def flush() -> None:
+    """Flush every handler and the std streams (before os._exit in a child)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
