@@ -1,0 +1,385 @@
+"""The operator's commands: start, stop, restart, reload, status, check, db upgrade, demo.
+
+run(args) loads the config once (-c, $COLLECTORD_CONFIG, /etc, built-in
+defaults), dispatches to one command and returns its exit code. Commands talk
+to a running daemon only through its PID file: the lock holder, verified by
+/proc to be collectord, is the only pid ever signalled (pidfd, so a pid
+recycled between the check and the signal cannot be hit).
+
+Output: one line per fact on stdout; errors raise CollectordError (the CLI
+prints one line and exits with its code). DSN passwords are always redacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import select
+import signal
+import sys
+import time
+from typing import TextIO
+
+from collectord import config as config_mod
+from collectord import pidfile
+from collectord.config import Config, redact_dsn
+from collectord.errors import (
+    EX_FAILURE,
+    EX_NOTRUNNING,
+    EX_OK,
+    CollectordError,
+    NotRunning,
+    StopTimeout,
+)
+
+STATUS_RUNNING, STATUS_DEAD, STATUS_STOPPED = 0, 1, EX_NOTRUNNING  # LSB status codes
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Load the config, run args.command, return the exit code."""
+    out = out or sys.stdout
+    cli_path = os.path.abspath(args.config) if getattr(args, "config", None) else None
+    # Absolute, so the daemon (cwd /) re-reads the same file on SIGHUP.
+    config = config_mod.load(cli_path)
+    command = args.command
+    if command == "start":
+        return cmd_start(config, foreground=args.foreground, out=out)
+    if command == "stop":
+        return cmd_stop(config, timeout=args.timeout, out=out)
+    if command == "restart":
+        cmd_stop(config, timeout=args.timeout, out=out)
+        return cmd_start(config, foreground=False, out=out)
+    if command == "reload":
+        return cmd_reload(config, out=out)
+    if command == "status":
+        return cmd_status(config, as_json=args.json, out=out)
+    if command == "check":
+        return cmd_check(config, out=out)
+    if command == "db":
+        return cmd_db_upgrade(config, out=out)
+    if command == "demo":
+        if importlib.util.find_spec("collectord.demo") is None:
+            raise CollectordError("demo is not available in this installation (collectord.demo is missing)")
+        from collectord import demo  # type: ignore[attr-defined]
+
+        return demo.run(args, config)
+    raise CollectordError(f"unknown command {command!r}")
+
+
+# -- start / stop / reload ------------------------------------------------------------
+
+
+def cmd_start(config: Config, *, foreground: bool, out: TextIO) -> int:
+    """Validate every collector spec (exit 78 on a bad one), then start."""
+    from collectord import daemon, spec
+
+    spec.validate(config)
+    if foreground:
+        return daemon.foreground(config)
+    return daemon.start(config, out=out)
+
+
+def _signal_verified(probe: pidfile.Probe, sig: int) -> int:
+    """Send sig to the verified lock holder through a pidfd; returns the pidfd (caller closes).
+
+    Raises NotRunning when the holder is gone or is no longer the same process.
+    """
+    pid = probe.holder
+    assert pid and probe.process is not None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NotRunning("not running (it exited just now)") from None
+    try:
+        # The pidfd pins this exact process; re-check it is still the one we verified.
+        if not pidfile.same_process(probe.process, pidfile.process_info(pid)):
+            raise NotRunning("not running (it exited just now)")
+        signal.pidfd_send_signal(pidfd, sig)
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
+
+
+def _wait_gone(probe: pidfile.Probe, pidfd: int, timeout: float) -> bool:
+    """Wait until the lock is released or the process has exited (pidfd readable:
+    it is a zombie or gone). Not kill(pid, 0): an orphaned zombie can wait
+    seconds for its reaper while its lock is long released."""
+    deadline = time.monotonic() + timeout
+    step = 0.01
+    while True:
+        if select.select([pidfd], [], [], 0)[0]:
+            return True
+        again = pidfile.probe(probe.path)
+        if again.holder != probe.holder:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        select.select([pidfd], [], [], min(step, left))
+        step = min(step * 2, 0.1)
+
+
+def cmd_stop(config: Config, *, timeout: float | None, out: TextIO) -> int:
+    """SIGTERM the verified lock holder and wait; nothing running -> say so, exit 0."""
+    probe = pidfile.probe(config.pidfile)
+    if not probe.running:
+        detail = "" if not probe.exists else f" ({probe.stale_reason()}; nothing signalled)"
+        print(f"collectord is not running{detail}", file=out)
+        return EX_OK
+    timeout = config.graceful_timeout + 10 if timeout is None else timeout
+    t0 = time.monotonic()
+    try:
+        pidfd = _signal_verified(probe, signal.SIGTERM)
+    except NotRunning:
+        print("collectord is not running (it exited just now)", file=out)
+        return EX_OK
+    try:
+        gone = _wait_gone(probe, pidfd, timeout)
+    finally:
+        os.close(pidfd)
+    if not gone:
+        raise StopTimeout(f"still running after {timeout:g} s (pid {probe.holder}); try again or kill it")
+    print(f"collectord stopped (pid {probe.holder}, {time.monotonic() - t0:.2f} s)", file=out)
+    return EX_OK
+
+
+def cmd_reload(config: Config, *, out: TextIO) -> int:
+    """SIGHUP to the verified lock holder."""
+    probe = pidfile.probe(config.pidfile)
+    if not probe.running:
+        raise NotRunning("not running" + ("" if not probe.exists else f" ({probe.stale_reason()})"))
+    os.close(_signal_verified(probe, signal.SIGHUP))
+    print(f"collectord reloading (SIGHUP sent to pid {probe.holder})", file=out)
+    return EX_OK
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+def _read_status(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _age(seconds) -> str:
+    """3s, 4m05s, 2h03m, 3d04h; '-' for None."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def status_lines(doc: dict, now: float) -> list[str]:
+    """The per-collector table from a status.json document (pure)."""
+    rows = [["COLLECTOR", "STATE", "PID", "UPTIME", "RESTARTS", "LAST OK", "ROWS", "ERRORS", "LAST ERROR"]]
+    for child in doc.get("children") or []:
+        counters = child.get("counters") or {}
+        started = child.get("started_at")
+        uptime = child.get("uptime")
+        if child.get("state") in ("STARTING", "RUNNING") and isinstance(started, (int, float)):
+            uptime = now - started
+        last_ok = counters.get("last_success")
+        state = str(child.get("state") or "?")
+        if state == "BACKOFF" and child.get("next_start_in") is not None:
+            state += f" ({_age(child['next_start_in'])})"
+        last_error = counters.get("last_error") or (child.get("last_exit") if state.startswith(("BACKOFF", "FATAL")) else None)
+        rows.append(
+            [
+                str(child.get("name", "?")),
+                state,
+                str(child.get("pid") or "-"),
+                _age(uptime),
+                str(child.get("restarts", 0)),
+                _age(now - last_ok) + " ago" if isinstance(last_ok, (int, float)) else "-",
+                str(counters.get("rows_written", 0)),
+                str(counters.get("errors", 0)),
+                (str(last_error).replace("\n", " ")[:70] if last_error else "-"),
+            ]
+        )
+    return _table(rows)
+
+
+def _database_line(config: Config, doc: dict | None) -> str:
+    if config.dsn:
+        return f"database: {redact_dsn(config.dsn)}"
+    uri = (doc or {}).get("dsn")
+    if uri:
+        return f"database: embedded PostgreSQL under {config.pgdata}; connect with: psql '{redact_dsn(uri)}'"
+    return f"database: embedded PostgreSQL under {config.pgdata} (started by `collectord start`)"
+
+
+def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
+    """LSB: 0 running, 1 dead but PID file left, 3 stopped; the table from status.json."""
+    probe = pidfile.probe(config.pidfile)
+    doc = _read_status(config.status_path)
+    now = time.time()
+    if probe.running:
+        code = STATUS_RUNNING
+        if doc is not None and doc.get("pid") != probe.pid:
+            doc = None  # an earlier run's document
+    else:
+        code = STATUS_DEAD if probe.exists else STATUS_STOPPED
+    if as_json:
+        if code == STATUS_RUNNING and doc is not None:
+            shown = dict(doc)
+        else:
+            shown = {"version": 1, "pid": probe.pid, "state": "running" if code == 0 else ("dead" if code == 1 else "stopped"), "children": []}
+            if code == STATUS_DEAD:
+                shown["reason"] = probe.stale_reason()
+        shown["dsn"] = redact_dsn(str(shown.get("dsn") or config.dsn or ""))
+        shown["pidfile"] = config.pidfile
+        print(json.dumps(shown, indent=1, default=str), file=out)
+        return code
+
+    if code == STATUS_STOPPED:
+        print("collectord is not running", file=out)
+        return code
+    if code == STATUS_DEAD:
+        print(f"collectord is not running: {probe.stale_reason()} ({config.pidfile})", file=out)
+        return code
+    head = f"collectord is running (pid {probe.pid}"
+    if doc is not None and isinstance(doc.get("started_at"), (int, float)):
+        head += f", up {_age(now - doc['started_at'])}"
+    head += f", config {config.path or 'built-in defaults'})"
+    if doc is not None and doc.get("state") == "stopping":
+        head += " - stopping"
+    print(head, file=out)
+    print(_database_line(config, doc), file=out)
+    if doc is None:
+        print(f"no status yet ({config.status_path})", file=out)
+        return code
+    for line in status_lines(doc, now):
+        print(line, file=out)
+    updated = doc.get("updated_at")
+    if isinstance(updated, (int, float)):
+        print(f"(status written {_age(now - updated)} ago)", file=out)
+    return code
+
+
+# -- check / db upgrade -----------------------------------------------------------------
+
+
+def _check_database(config: Config) -> tuple[bool, str]:
+    """Connect, ask the server's version and the schema's migration level."""
+    dsn = config.dsn
+    if not dsn:
+        probe = pidfile.probe(config.pidfile)
+        doc = _read_status(config.status_path) if probe.running else None
+        dsn = (doc or {}).get("dsn") or ""
+        if not dsn:
+            return True, f"database: embedded PostgreSQL under {config.pgdata} (started by `collectord start`; not running now)"
+    try:
+        from workers.storage import db
+    except ImportError as err:
+        return False, f"database: cannot load the storage module ({err})"
+    try:
+        conn = db.connect(dsn, application_name="collectord check", statement_timeout=10, connect_timeout=5)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return False, f"database: FAILED {redact_dsn(dsn)}: {redact_dsn(first)}"
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            version = cur.fetchone()[0]
+            cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            level = "no schema yet (start or `db upgrade` creates it)"
+            if cur.fetchone()[0]:
+                cur.execute("SELECT max(version) FROM schema_migrations")
+                level = f"schema version {cur.fetchone()[0]}"
+    except Exception as err:
+        return False, f"database: FAILED {redact_dsn(dsn)}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    finally:
+        conn.close()
+    return True, f"database: ok {redact_dsn(dsn)} (PostgreSQL {version}, {level})"
+
+
+def _check_exchange(config: Config) -> tuple[bool, str]:
+    """One small Gamma request through the collectors' own HTTP client."""
+    url = f"{config.exchange.gamma_url}/markets"
+    t0 = time.monotonic()
+    try:
+        from workers.http import Client
+    except ImportError:
+        Client = None
+    try:
+        if Client is not None:
+            client = Client(timeout=(3.05, 10), retries=1)
+            client.get_json(url, params={"limit": 1})
+        else:
+            import requests
+
+            resp = requests.get(url, params={"limit": 1}, timeout=(3.05, 10))
+            resp.raise_for_status()
+            resp.json()
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return False, f"exchange: FAILED {url}: {first[:200]}"
+    return True, f"exchange: ok {url} ({(time.monotonic() - t0) * 1000:.0f} ms)"
+
+
+def cmd_check(config: Config, *, out: TextIO) -> int:
+    """Config (every collector constructed once), database, exchange: one line each.
+
+    0 all fine, 1 database or exchange unreachable, 78 config error (raised).
+    """
+    from collectord import spec
+
+    specs = spec.validate(config)
+    names = ", ".join(s.name for s in specs) or "none enabled"
+    print(f"config: ok ({config.path or 'built-in defaults'}; collectors: {names})", file=out)
+    ok_db, line_db = _check_database(config)
+    print(line_db, file=out)
+    ok_ex, line_ex = _check_exchange(config)
+    print(line_ex, file=out)
+    return EX_OK if ok_db and ok_ex else EX_FAILURE
+
+
+def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
+    """Apply pending migrations to the configured DSN (the embedded server when empty)."""
+    from workers import storage
+
+    dsn = config.dsn
+    embedded = None
+    if not dsn:
+        probe = pidfile.probe(config.pidfile)
+        doc = _read_status(config.status_path) if probe.running else None
+        dsn = (doc or {}).get("dsn") or ""
+    try:
+        if not dsn:
+            from workers.storage import embedded as embedded_mod
+
+            embedded = embedded_mod.start(config.data_dir)
+            dsn = embedded.uri if hasattr(embedded, "uri") else str(embedded)
+        try:
+            applied = storage.migrate(dsn)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CollectordError(f"db upgrade failed on {redact_dsn(dsn)}: {redact_dsn(first)}") from None
+    finally:
+        if embedded is not None and hasattr(embedded, "stop"):
+            embedded.stop()
+    if applied:
+        print(f"applied migrations {', '.join(f'{v:04d}' for v in applied)} to {redact_dsn(dsn)}", file=out)
+    else:
+        print(f"schema already up to date ({redact_dsn(dsn)})", file=out)
+    return EX_OK
+
+
