@@ -1,0 +1,122 @@
+"""Order-book snapshots from the CLOB: parse() and the orderbooks collector.
+
+parse(payload) is pure: a `POST /books` array (or one `GET /book` object) ->
+`orderbook_snapshots` rows. The exchange sends bids ascending and asks descending
+(best level LAST, contrary to its docs) and neither order is promised, so levels
+are sorted here: best first on both sides. Prices and sizes stay decimal text;
+an empty side has NULL best price and zero depth; `timestamp` is epoch ms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from workers import payload as p
+from workers.errors import PayloadError
+
+TABLE = "orderbook_snapshots"
+# Field order of OrderBookSummary: the exchange's hash covers the object in this order.
+HASH_FIELDS = ("market", "asset_id", "timestamp", "hash", "bids", "asks", "min_order_size", "tick_size",
+               "neg_risk", "last_trade_price")
+
+
+def book_hash(obj: dict) -> str:
+    """The exchange's book hash: SHA-1 of compact JSON of the summary with hash = ""."""
+    body = {k: ("" if k == "hash" else obj[k]) for k in HASH_FIELDS if k in obj}
+    return hashlib.sha1(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def _levels(value: Any, side: str) -> list[tuple[Decimal, Decimal, str, str]]:
+    """[{price, size}, ...] -> [(price, size, price text, size text)] best first.
+
+    Bids best = highest price, asks best = lowest. A zero-size level means no
+    level (as on the WebSocket) and is dropped; a repeated price is malformed.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PayloadError(f"{side}: expected an array")
+    out = []
+    seen = set()
+    for level in value:
+        if isinstance(level, dict):
+            raw_price, raw_size = level.get("price"), level.get("size")
+        elif isinstance(level, (list, tuple)) and len(level) == 2:
+            raw_price, raw_size = level
+        else:
+            raise PayloadError(f"{side}: bad level {str(level)[:60]}")
+        price = p.price(raw_price, f"{side}.price", empty_ok=False)
+        size = p.decimal(raw_size, f"{side}.size", empty_ok=False)
+        if size < 0:
+            raise PayloadError(f"{side}: negative size {size}")
+        if price in seen:
+            raise PayloadError(f"{side}: price {price} listed twice")
+        seen.add(price)
+        if size == 0:
+            continue
+        out.append((price, size, p.text(price), p.text(size)))
+    out.sort(key=lambda lv: lv[0], reverse=(side == "bids"))
+    return out
+
+
+def parse_book(obj: Any, received_at: datetime | None = None) -> dict:
+    """One OrderBookSummary -> one orderbook_snapshots row. Raises PayloadError."""
+    if not isinstance(obj, dict):
+        raise PayloadError(f"book: expected an object, got {type(obj).__name__}")
+    token = p.token_id(obj.get("asset_id"), "asset_id")
+    condition_id = p.ident(obj.get("market"), "market")
+    ts = p.epoch_ms(obj.get("timestamp"))
+    bids = _levels(obj.get("bids"), "bids")
+    asks = _levels(obj.get("asks"), "asks")
+    digest = obj.get("hash")
+    if not isinstance(digest, str) or not digest:
+        digest = book_hash(obj)  # keep the snapshot key (token, ts, hash) non-null and stable
+    best_bid = bids[0][0] if bids else None
+    best_ask = asks[0][0] if asks else None
+    return {
+        "token_id": token,
+        "condition_id": condition_id,
+        "ts": ts,
+        "hash": digest,
+        "best_bid": best_bid,
+        "best_ask": best_ask,
+        "spread": (best_ask - best_bid) if bids and asks else None,
+        "bid_depth": sum((lv[1] for lv in bids), Decimal(0)),
+        "ask_depth": sum((lv[1] for lv in asks), Decimal(0)),
+        "bid_levels": len(bids),
+        "ask_levels": len(asks),
+        "bids": [[lv[2], lv[3]] for lv in bids],
+        "asks": [[lv[2], lv[3]] for lv in asks],
+        "received_at": received_at,
+    }
+
+
+def parse(payload: Any, received_at: datetime | None = None) -> p.Parsed:
+    """A /books array or one /book object -> Parsed with orderbook_snapshots rows.
+
+    A malformed book is skipped whole and counted; the others are kept. Two copies
+    of one (token, ts, hash) in one payload become one row.
+    """
+    out = p.Parsed(rows={TABLE: []})
+    if isinstance(payload, dict):
+        payload = [payload]
+    if not isinstance(payload, list):
+        out.skip(f"payload: expected a JSON array, got {type(payload).__name__}")
+        return out
+    keys = set()
+    for obj in payload:
+        try:
+            row = parse_book(obj, received_at)
+        except PayloadError as err:
+            asset = obj.get("asset_id") if isinstance(obj, dict) else None
+            out.skip(f"book {str(asset)[:20]!r}: {err}")
+            continue
+        key = (row["token_id"], row["ts"], row["hash"])
+        if key not in keys:
+            keys.add(key)
+            out.add(TABLE, row)
+    return out

@@ -1,0 +1,105 @@
+"""Price snapshots from the CLOB batch endpoints: parse() and the prices collector.
+
+Three batch answers make one snapshot per token (polymarket-api.md §3.3):
+- POST /prices [{token_id, side}] -> {"<token>": {"BUY": "0.45", "SELL": "0.46"}};
+  BUY is the best bid and SELL the best ask (the docs; one live sample agrees).
+- POST /midpoints [{token_id}] -> {"<token>": "0.455"} (a {"mid"|"mid_price": v}
+  object per token is accepted too).
+- POST /last-trades-prices [{token_id}] -> [{"token_id", "price", "side"}].
+Values are strings on the live API and numbers in the 2026 OpenAPI: both become
+Decimal. "0" means no quote (no CLOB price is 0) and a last trade with an empty
+side is the exchange's "never traded" default (price "0.5"): both become NULL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Iterable
+
+from workers import payload as p
+from workers.errors import PayloadError
+
+TABLE = "price_snapshots"
+
+
+def _quote(value: Any, name: str) -> Decimal | None:
+    out = p.price(value, name)
+    return None if out is not None and out == 0 else out
+
+
+def _mid(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("mid", value.get("mid_price"))
+    return value
+
+
+def _last_trades(payload: Any) -> dict[str, Any]:
+    """Normalise /last-trades-prices to {token: {price, side}} (a list or a map)."""
+    if payload is None:
+        return {}
+    if isinstance(payload, dict):
+        return {str(k): v for k, v in payload.items()}
+    if isinstance(payload, list):
+        out = {}
+        for item in payload:
+            if isinstance(item, dict) and item.get("token_id") is not None:
+                out[str(item["token_id"])] = item
+        return out
+    raise PayloadError(f"last-trades-prices: expected an array, got {type(payload).__name__}")
+
+
+def parse(prices: Any = None, midpoints: Any = None, last_trades: Any = None, *,
+          tokens: Iterable[str] | None = None, ts: datetime, received_at: datetime | None = None) -> p.Parsed:
+    """The three batch answers -> Parsed with one price_snapshots row per token.
+
+    tokens limits the rows to the tokens asked for (an answer may add or drop
+    ids); without it every token any answer names gets a row. ts is the cycle's
+    time (these endpoints carry none): one ts per cycle, so (token_id, ts) is the
+    snapshot's key. A token with a bad value is skipped whole; a token that no
+    answer mentions gets no row.
+    """
+    out = p.Parsed(rows={TABLE: []})
+    for name, value, kind in (("prices", prices, dict), ("midpoints", midpoints, dict)):
+        if value is not None and not isinstance(value, kind):
+            out.skip(f"{name}: expected an object, got {type(value).__name__}")
+            return out
+    try:
+        trades = _last_trades(last_trades)
+    except PayloadError as err:
+        out.skip(str(err))
+        return out
+    prices = prices or {}
+    midpoints = midpoints or {}
+    wanted = list(dict.fromkeys(tokens)) if tokens is not None else list(
+        dict.fromkeys([*prices.keys(), *midpoints.keys(), *trades.keys()]))
+    for token in wanted:
+        if token not in prices and token not in midpoints and token not in trades:
+            continue
+        try:
+            tid = p.token_id(token)
+            sides = prices.get(token) or {}
+            if not isinstance(sides, dict):
+                raise PayloadError(f"prices[{tid[:12]}]: expected an object")
+            last = trades.get(token)
+            last_price = None
+            if last is not None:
+                if not isinstance(last, dict):
+                    raise PayloadError("last trade: expected an object")
+                last_price = _quote(last.get("price"), "last_trade_price")
+                if not last.get("side"):
+                    last_price = None  # the "never traded" default, not a trade
+            row = {
+                "token_id": tid,
+                "ts": ts,
+                "best_bid": _quote(sides.get("BUY"), "BUY"),
+                "best_ask": _quote(sides.get("SELL"), "SELL"),
+                "mid": _quote(_mid(midpoints.get(token)), "mid"),
+                "last_trade_price": last_price,
+                "received_at": received_at,
+            }
+        except PayloadError as err:
+            out.skip(f"token {str(token)[:20]}: {err}")
+            continue
+        out.add(TABLE, row)
+    return out

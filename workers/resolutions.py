@@ -1,0 +1,165 @@
+"""Resolutions from Gamma: classify()/parse() and the resolutions collector.
+
+classify(market) is pure and decides, for one Gamma market object, what the
+exchange says about its outcome (polymarket-api.md §2.5). The rules, in order:
+
+1. Not `closed`: "open". `closed` alone proves nothing either (rule 4).
+2. `umaResolutionStatus == "resolved"` (current, UMA-settled markets):
+   - `outcomePrices` one-hot (one "1", the rest "0") -> "resolved": the winner is
+     the outcome at the 1, its token `clobTokenIds[i]`, payouts the vector;
+   - every price equal (0.5/0.5, the 50-50 rule) -> "void": no winner, payouts
+     the split;
+   - anything else -> "pending" (not a shape a settled market has; asked again).
+3. `umaResolutionStatus == "disputed"` -> "disputed"; any other value
+   ("proposed", ...) -> "pending". Neither is final: the proposal's prices are not.
+4. No `umaResolutionStatus`:
+   - AMM-era markets (2020-21: a non-empty `marketMakerAddress`, settled before
+     UMA statuses existed): one-hot -> "resolved"; all equal -> "void"; all
+     "0" -> "unknown" (closed with no payout on record: Gamma does not say who
+     won, so no winner is invented; the row records that it is settled and
+     unknown, e.g. fixture gamma_market_legacy_closed_zero_zero_12); fractional
+     prices summing to 1 -> "scalar" (a Long/Short market pays out proportionally:
+     the vector IS the resolution, no single winner; fixture ..._scalar_43);
+     otherwise "pending".
+   - Current markets: "pending" (closed, awaiting a proposal).
+
+Final states ("resolved", "void", "scalar", "unknown") produce a `resolutions`
+row; the collector writes it once and updates it when a later answer differs
+(the exchange corrected itself). "disputed" on a market with a final row,
+seen on consecutive polls (Gamma caches up to 5 min), downgrades that row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from workers import payload as p
+from workers.errors import PayloadError
+from workers.markets import market_objects, outcome_tokens
+
+TABLE = "resolutions"
+FINAL = ("resolved", "void", "scalar", "unknown")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one market object says: state, and the row when the state is final."""
+
+    market_id: str
+    condition_id: str
+    state: str  # open | pending | disputed | resolved | void | scalar | unknown
+    row: dict | None = None
+    reason: str = ""
+
+
+def _payouts(obj: dict) -> list[Decimal] | None:
+    values = p.json_list(obj.get("outcomePrices"), "outcomePrices")
+    if values is None:
+        return None
+    return [p.decimal(v, "outcomePrices[]", empty_ok=False) for v in values]
+
+
+def _shape(payouts: list[Decimal] | None) -> str:
+    """one-hot | split | zero | fractional | none."""
+    if not payouts:
+        return "none"
+    if any(v < 0 or v > 1 for v in payouts):
+        return "none"
+    ones = sum(1 for v in payouts if v == 1)
+    zeros = sum(1 for v in payouts if v == 0)
+    if ones == 1 and zeros == len(payouts) - 1:
+        return "one-hot"
+    if zeros == len(payouts):
+        return "zero"
+    if len(payouts) > 1 and len(set(payouts)) == 1 and sum(payouts) == 1:
+        return "split"
+    if sum(payouts) == 1:
+        return "fractional"
+    return "none"
+
+
+def classify(obj: Any, seen_at: datetime | None = None) -> Verdict:
+    """One Gamma market object -> Verdict (see the module doc). Raises PayloadError."""
+    if not isinstance(obj, dict):
+        raise PayloadError(f"market: expected an object, got {type(obj).__name__}")
+    market_id = p.ident(obj.get("id"), "id")
+    condition_id = p.ident(obj.get("conditionId"), "conditionId")
+    closed = p.opt_bool(obj.get("closed"), "closed")
+    if not closed:
+        return Verdict(market_id, condition_id, "open")
+    uma = (p.opt_text(obj.get("umaResolutionStatus")) or "").strip().lower()
+    payouts = _payouts(obj)
+    shape = _shape(payouts)
+    legacy = not uma and bool(p.opt_text(obj.get("marketMakerAddress")))
+    if uma == "resolved":
+        state = {"one-hot": "resolved", "split": "void"}.get(shape, "pending")
+    elif uma == "disputed":
+        state = "disputed"
+    elif uma:
+        state = "pending"
+    elif legacy:
+        state = {"one-hot": "resolved", "split": "void", "zero": "unknown", "fractional": "scalar"}.get(
+            shape, "pending")
+    else:
+        state = "pending"
+    if state not in FINAL:
+        reason = f"umaResolutionStatus={uma or 'absent'}, outcomePrices {shape}"
+        return Verdict(market_id, condition_id, state, None, reason)
+
+    outcomes = p.json_list(obj.get("outcomes"), "outcomes") or []
+    if len(outcomes) != len(payouts):
+        raise PayloadError(f"outcomePrices has {len(payouts)} values for {len(outcomes)} outcomes")
+    tokens = outcome_tokens(obj)
+    winner = winning_token = None
+    if state == "resolved":
+        index = next(i for i, v in enumerate(payouts) if v == 1)
+        winner = str(outcomes[index])
+        winning_token = tokens[index][0] if tokens else None
+    resolved_at = (p.timestamp(obj.get("umaEndDate"), "umaEndDate") or p.timestamp(obj.get("closedTime"), "closedTime")
+                   or p.timestamp(obj.get("updatedAt"), "updatedAt"))
+    row = {
+        "market_id": market_id,
+        "condition_id": condition_id,
+        "winning_token_id": winning_token,
+        "winning_outcome": winner,
+        "payouts": [p.text(v) for v in payouts],
+        "status": state,
+        "resolved_at": resolved_at,
+        "updated_at": seen_at,
+    }
+    return Verdict(market_id, condition_id, state, row)
+
+
+def parse(payload: Any, seen_at: datetime | None = None) -> tuple[p.Parsed, list[Verdict]]:
+    """A Gamma payload -> (Parsed with `resolutions` rows for final states, every Verdict)."""
+    out = p.Parsed(rows={TABLE: []})
+    verdicts: list[Verdict] = []
+    try:
+        items = list(market_objects(payload))
+    except PayloadError as err:
+        out.skip(f"payload: {err}")
+        return out, verdicts
+    for obj, _event in items:
+        try:
+            verdict = classify(obj, seen_at)
+        except PayloadError as err:
+            mid = obj.get("id") if isinstance(obj, dict) else None
+            out.skip(f"market {mid!r}: {err}")
+            continue
+        verdicts.append(verdict)
+        if verdict.row is not None:
+            out.add(TABLE, verdict.row)
+    return out, verdicts
+
+
+def same_outcome(a: dict, b: dict) -> bool:
+    """True when two resolution rows say the same thing (status, winner, payouts)."""
+    def norm(row):
+        payouts = row.get("payouts")
+        if isinstance(payouts, list):
+            payouts = [p.decimal(v) for v in payouts]
+        return row.get("status"), row.get("winning_token_id"), row.get("winning_outcome"), payouts
+    return norm(a) == norm(b)
