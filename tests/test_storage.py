@@ -1,0 +1,297 @@
+"""Storage against the real PostgreSQL: migrations, every table's upsert, exactness."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import psycopg2
+import pytest
+
+from workers.storage import TABLES, Writer, migrate
+from workers.storage.migrate import discover
+
+TOKEN = "71321045679252212594626385532706912750332728571942532289631379312455583992563"  # 77 digits
+TOKEN78 = "1" + "0" * 76 + "7"  # 78 digits: beyond int64 and float64
+assert len(TOKEN78) == 78
+T0 = datetime(2026, 5, 25, 22, 43, 31, 123000, tzinfo=timezone.utc)
+
+
+def fetch(dsn, sql, params=None):
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db(pg_dsn):
+    migrate(pg_dsn)
+    return pg_dsn
+
+
+@pytest.fixture
+def writer(db, tmp_path):
+    w = Writer(db, tmp_path / "spool", name="test", max_rows=100000, max_age=60).open()
+    yield w
+    w.close()
+
+
+# -- migrations ---------------------------------------------------------------------
+def test_migrate_from_empty_then_rerun_is_noop(pg_dsn):
+    versions = [m.version for m in discover()]
+    assert versions[0] == 1 and versions == sorted(versions)
+    assert migrate(pg_dsn) == versions
+    assert migrate(pg_dsn) == []
+    rows = fetch(pg_dsn, "SELECT version, name FROM schema_migrations ORDER BY version")
+    assert [v for v, _ in rows] == versions
+    assert rows[0][1] == "0001_initial"
+    tables = {r[0] for r in fetch(pg_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+    for name in ("markets", "tokens", "followed_tokens", "price_snapshots", "orderbook_snapshots", "trades",
+                 "resolutions", "feed_gaps", "schema_migrations"):
+        assert name in tables
+
+
+def test_migrate_race_between_two_processes(pg_dsn):
+    """Two forked processes migrate the same empty schema at once: both succeed, each version once."""
+    versions = [m.version for m in discover()]
+    pipes = []
+    for _ in range(2):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                os.close(r)
+                done = migrate(pg_dsn)
+                os.write(w, (",".join(map(str, done)) + "\n").encode())
+            except BaseException as err:  # report, never raise in a forked child
+                os.write(w, f"ERR {err!r}\n".encode())
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        pipes.append((pid, r))
+    results = []
+    for pid, r in pipes:
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            out = f.read().strip()
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        results.append([int(v) for v in out.split(",") if v])
+    applied_now = sorted(results[0] + results[1])
+    assert applied_now == versions  # every version applied by exactly one of them
+    assert [r[0] for r in fetch(pg_dsn, "SELECT version FROM schema_migrations ORDER BY 1")] == versions
+
+
+PG_TYPES = {"text": "text", "numeric": "numeric", "int": "integer", "boolean": "boolean",
+            "timestamptz": "timestamp with time zone", "jsonb": "jsonb"}
+
+
+def test_writer_tables_match_the_migrated_schema(db):
+    cols = fetch(db, "SELECT table_name, column_name, data_type FROM information_schema.columns"
+                     " WHERE table_schema = current_schema()")
+    have = {(t, c): d for t, c, d in cols}
+    for table in TABLES.values():
+        for name, kind in table.columns:
+            assert have.get((table.name, name)) == PG_TYPES[kind], (table.name, name)
+
+
+def test_ids_are_text_and_amounts_numeric(db):
+    have = {(t, c): d for t, c, d in fetch(db, "SELECT table_name, column_name, data_type FROM information_schema.columns"
+                                                " WHERE table_schema = current_schema()")}
+    for (t, c), d in have.items():
+        if c in ("market_id", "condition_id", "token_id", "tx_hash", "winning_token_id"):
+            assert d == "text", (t, c)
+        if c in ("price", "size", "best_bid", "best_ask", "mid", "last_trade_price", "volume_24h"):
+            assert d == "numeric", (t, c)
+
+
+# -- exactness -------------------------------------------------------------------------
+def test_numeric_and_78_digit_ids_round_trip_exactly(writer, db):
+    prices = ["0.982", "0.0001", "0.999999", "123456789012345678901234567890.123456789"]
+    writer.add("trades", [
+        {"token_id": TOKEN78, "ts": T0 + timedelta(milliseconds=i), "price": p, "size": Decimal("219.217767"),
+         "side": "BUY", "tx_hash": f"0x{i:064x}", "source": "ws", "received_at": T0}
+        for i, p in enumerate(prices)
+    ])
+    writer.add("tokens", [{"token_id": TOKEN78, "market_id": "559651", "outcome": "Yes", "outcome_index": 0}])
+    writer.flush()
+    rows = fetch(db, "SELECT token_id, price::text, size::text, ts FROM trades ORDER BY ts")
+    assert [r[0] for r in rows] == [TOKEN78] * 4
+    assert [r[1] for r in rows] == prices
+    assert {r[2] for r in rows} == {"219.217767"}
+    assert rows[0][3] == T0  # millisecond time kept
+    assert fetch(db, "SELECT token_id FROM tokens") == [(TOKEN78,)]
+
+
+def test_bad_values_fail_at_add_and_buffer_nothing(writer):
+    good = {"token_id": TOKEN, "ts": T0, "price": "0.5", "size": "1", "side": "BUY", "source": "ws"}
+    with pytest.raises(ValueError, match="unknown column"):
+        writer.add("trades", [good, {**good, "bogus": 1}])
+    with pytest.raises(ValueError, match="token_id"):
+        writer.add("trades", [{**good, "token_id": 1.5e77}])  # a float id would lose digits
+    with pytest.raises(ValueError, match="naive"):
+        writer.add("trades", [{**good, "ts": datetime(2026, 1, 1)}])
+    with pytest.raises(KeyError):
+        writer.add("nope", [good])
+    assert writer.stats()["buffered"] == 0
+
+
+# -- trades key -----------------------------------------------------------------------------
+def trade(**kw):
+    row = {"token_id": TOKEN, "condition_id": "0xc0", "ts": T0, "price": "0.48", "size": "10", "side": "BUY",
+           "tx_hash": "0xaa", "ordinal": 0, "source": "ws", "received_at": T0}
+    row.update(kw)
+    return row
+
+
+def test_live_trade_and_backfilled_twin_land_once(writer, db):
+    live = [trade(), trade(ordinal=1), trade(price="0.49")]  # two identical fills of one tx: ordinals 0 and 1
+    writer.add("trades", live)
+    writer.flush()
+    # Backfill: second-resolution ts, other decimal spellings of the same numbers.
+    backfill = [
+        trade(ts=T0.replace(microsecond=0), price="0.480", size="10.000000", source="backfill", received_at=None),
+        trade(ts=T0.replace(microsecond=0), price="0.48", size="10.0", ordinal=1, source="backfill"),
+        trade(ts=T0.replace(microsecond=0), price="0.490", size="10", source="backfill"),
+        trade(ts=T0.replace(microsecond=0), price="0.48", size="10", ordinal=2, source="backfill"),  # a third fill: new
+    ]
+    writer.add("trades", backfill)
+    writer.flush()
+    rows = fetch(db, "SELECT price, size, ordinal, source FROM trades ORDER BY ordinal, price")
+    assert rows == [(Decimal("0.48"), Decimal("10"), 0, "ws"), (Decimal("0.49"), Decimal("10"), 0, "ws"),
+                    (Decimal("0.48"), Decimal("10"), 1, "ws"), (Decimal("0.48"), Decimal("10"), 2, "backfill")]
+
+
+def test_trade_without_tx_hash_keys_on_ms_timestamp(writer, db):
+    a = trade(tx_hash=None)
+    b = trade(tx_hash=None, ts=T0 + timedelta(milliseconds=1))
+    writer.add("trades", [a, b, a])
+    writer.flush()
+    writer.add("trades", [a, b])
+    writer.flush()
+    assert fetch(db, "SELECT count(*) FROM trades") == [(2,)]
+
+
+# -- every table: a replayed batch adds nothing ---------------------------------------------
+def sample_rows():
+    return {
+        "markets": [{"market_id": "559651", "condition_id": "0xc1", "slug": "s", "question": "Q?", "active": True,
+                     "closed": False, "end_date": "2026-06-01T09:00:00Z", "closed_time": "2026-05-25 22:43:31+00",
+                     "volume_24h": "1234.5", "outcomes": ["Yes", "No"], "tags": [{"id": 1}],
+                     "updated_at": T0, "raw": {"id": "559651", "volume": "1234.5"}}],
+        "tokens": [{"token_id": TOKEN, "market_id": "559651", "condition_id": "0xc1", "outcome": "Yes", "outcome_index": 0},
+                   {"token_id": TOKEN78, "market_id": "559651", "condition_id": "0xc1", "outcome": "No", "outcome_index": 1}],
+        "followed_tokens": [{"token_id": TOKEN, "market_id": "559651", "condition_id": "0xc1", "outcome": "Yes"}],
+        "price_snapshots": [{"token_id": TOKEN, "ts": T0 + timedelta(seconds=i), "best_bid": "0.47", "best_ask": "0.49",
+                             "mid": "0.48", "last_trade_price": "0.48", "received_at": T0} for i in range(3)],
+        "orderbook_snapshots": [{"token_id": TOKEN, "condition_id": "0xc1", "ts": T0, "hash": "h1", "best_bid": "0.47",
+                                 "best_ask": "0.49", "spread": "0.02", "bid_depth": "15", "ask_depth": "0",
+                                 "bid_levels": 2, "ask_levels": 0, "bids": [["0.47", "10"], ["0.46", "5"]], "asks": [],
+                                 "received_at": T0},
+                                {"token_id": TOKEN, "condition_id": "0xc1", "ts": T0, "hash": None,
+                                 "bids": [], "asks": []}],
+        "trades": [trade(ordinal=i) for i in range(3)],
+        "resolutions": [{"market_id": "559651", "condition_id": "0xc1", "winning_token_id": TOKEN,
+                         "winning_outcome": "Yes", "payouts": ["1", "0"], "status": "resolved", "resolved_at": T0}],
+        "feed_gaps": [{"token_id": TOKEN, "started_at": T0, "ended_at": T0 + timedelta(seconds=5),
+                       "reason": "disconnect", "shard": "trades.0"}],
+    }
+
+
+@pytest.mark.parametrize("method", ["copy", "values"])
+def test_every_table_replayed_batch_adds_no_duplicates(db, tmp_path, method):
+    samples = sample_rows()
+    assert set(samples) == set(TABLES)
+    w = Writer(db, tmp_path / "spool", name="replay", method=method, max_rows=10**6, max_age=60).open()
+    try:
+        for _ in range(3):  # the first batch, then the same batch replayed twice
+            for table, rows in samples.items():
+                w.add(table, rows)
+            w.flush()
+        st = w.stats()
+    finally:
+        w.close()
+    assert st["rows_rejected"] == 0 and st["rows_spooled"] == 0
+    for table, rows in samples.items():
+        assert fetch(db, f"SELECT count(*) FROM {table}") == [(len(rows),)], table
+    assert fetch(db, "SELECT bids, asks, hash FROM orderbook_snapshots ORDER BY hash DESC")[0] == (
+        [["0.47", "10"], ["0.46", "5"]], [], "h1")
+    assert fetch(db, "SELECT outcomes, closed_time FROM markets") == [
+        (["Yes", "No"], datetime(2026, 5, 25, 22, 43, 31, tzinfo=timezone.utc))]
+
+
+def test_markets_upsert_updates_on_change_and_keeps_first_seen(writer, db):
+    base = {"market_id": "1", "question": "Q?", "updated_at": T0, "raw": {"v": 1}}
+    writer.add("markets", [base])
+    writer.flush()
+    (first_seen, xmin1), = fetch(db, "SELECT first_seen_at, xmin::text FROM markets")
+    writer.add("markets", [base])  # unchanged: the row is not rewritten
+    writer.flush()
+    assert fetch(db, "SELECT xmin::text FROM markets") == [(xmin1,)]
+    writer.add("markets", [{**base, "question": "Q2?", "updated_at": T0 + timedelta(minutes=1), "raw": {"v": 2}}])
+    writer.flush()
+    assert fetch(db, "SELECT question, first_seen_at FROM markets") == [("Q2?", first_seen)]
+    # An older payload (a late replay) never overwrites a newer one.
+    writer.add("markets", [{**base, "question": "stale", "updated_at": T0 - timedelta(minutes=1), "raw": {"v": 0}}])
+    writer.flush()
+    assert fetch(db, "SELECT question FROM markets") == [("Q2?",)]
+    # Several versions in one batch: the last wins, no "affect row a second time" error.
+    writer.add("markets", [{**base, "question": f"v{i}", "updated_at": T0 + timedelta(hours=i), "raw": {"v": 10 + i}}
+                           for i in range(1, 4)])
+    writer.flush()
+    assert fetch(db, "SELECT question FROM markets") == [("v3",)]
+    assert writer.stats()["rows_rejected"] == 0
+
+
+def test_resolution_correction_updates_the_row(writer, db):
+    res = {"market_id": "9", "condition_id": "0xc9", "winning_token_id": "111", "winning_outcome": "Yes",
+           "payouts": ["1", "0"], "status": "resolved", "resolved_at": T0}
+    writer.add("resolutions", [res])
+    writer.flush()
+    (updated1, first1), = fetch(db, "SELECT updated_at, first_seen_at FROM resolutions")
+    writer.add("resolutions", [res])
+    writer.flush()
+    assert fetch(db, "SELECT updated_at FROM resolutions") == [(updated1,)]
+    writer.add("resolutions", [{**res, "winning_token_id": "222", "winning_outcome": "No", "payouts": ["0", "1"]}])
+    writer.flush()
+    (win, payouts, updated2, first2), = fetch(db, "SELECT winning_token_id, payouts, updated_at, first_seen_at FROM resolutions")
+    assert (win, payouts, first2) == ("222", ["0", "1"], first1)
+    assert updated2 > updated1
+
+
+def test_feed_gap_rewrite_fills_in_recovery(writer, db):
+    gap = {"token_id": TOKEN, "started_at": T0, "reason": "disconnect", "shard": "trades.0"}
+    writer.add("feed_gaps", [gap])
+    writer.flush()
+    writer.add("feed_gaps", [{"token_id": TOKEN, "started_at": T0, "ended_at": T0 + timedelta(seconds=3),
+                              "recovered_at": T0 + timedelta(seconds=9), "recovered_trades": 4}])
+    writer.flush()
+    assert fetch(db, "SELECT reason, shard, recovered_trades FROM feed_gaps") == [("disconnect", "trades.0", 4)]
+
+
+def test_tokens_partial_row_does_not_erase(writer, db):
+    writer.add("tokens", [{"token_id": TOKEN, "market_id": "1", "condition_id": "0xc", "outcome": "Yes", "outcome_index": 0}])
+    writer.flush()
+    writer.add("tokens", [{"token_id": TOKEN, "market_id": "1"}])
+    writer.flush()
+    assert fetch(db, "SELECT outcome, outcome_index FROM tokens") == [("Yes", 0)]
+
+
+def test_data_error_rows_are_quarantined_not_dropped(writer, db, tmp_path):
+    rows = [trade(ordinal=0), trade(ordinal=1, price="not-a-number"), trade(ordinal=2, side="HOLD"), trade(ordinal=3)]
+    writer.add("trades", rows)
+    writer.flush()
+    assert fetch(db, "SELECT ordinal FROM trades ORDER BY 1") == [(0,), (3,)]
+    st = writer.stats()
+    assert st["rows_rejected"] == 2 and st["rows_spooled"] == 0 and st["db_ok"]
+    lines = (tmp_path / "spool" / "test" / "rejected.jsonl").read_text().splitlines()
+    import json
+    rejected = [json.loads(line) for line in lines]
+    assert [r["row"]["ordinal"] for r in rejected] == ["1", "2"]
+    assert all(r["table"] == "trades" and r["error"] for r in rejected)

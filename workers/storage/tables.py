@@ -1,0 +1,258 @@
+"""The tables the Writer writes: columns, natural keys and conflict rules.
+
+The single source of truth the Writer builds its SQL from; it must agree with
+migrations/*.sql (tests check that every column named here exists with this
+type). Rows reach the Writer as dicts keyed by these column names; a missing
+key is NULL (or the column's COALESCE default below), an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Table:
+    """One target table.
+
+    columns: (name, postgres type) in write order (the serial id is never written).
+    key: the natural unique key (documented in the migration).
+    merge: True for DO UPDATE tables: rows with the same key inside one batch
+      are collapsed to the last one, because ON CONFLICT DO UPDATE cannot touch
+      one row twice in one statement.
+    conflict: the ON CONFLICT clause.
+    select: column -> SQL expression over the staging row `s` (defaults for NULL).
+    """
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    key: tuple[str, ...]
+    conflict: str
+    merge: bool = False
+    select: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+    def insert_from(self, source: str) -> str:
+        """INSERT INTO <table> (...) SELECT ... FROM <source> s <conflict>.
+
+        source is a staging table or a VALUES list aliased with the column names.
+        """
+        names = self.column_names
+        exprs = ", ".join(self.select.get(n, f"s.{n}") for n in names)
+        return f"INSERT INTO {self.name} ({', '.join(names)}) SELECT {exprs} FROM {source} {self.conflict}"
+
+
+def _merge_set(table: str, cols: list[str], keep_old_when_null: bool) -> str:
+    if keep_old_when_null:
+        return ", ".join(f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in cols)
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in cols)
+
+
+def _changed(table: str, cols: list[str], keep_old_when_null: bool = False) -> str:
+    old = ", ".join(f"{table}.{c}" for c in cols)
+    if keep_old_when_null:
+        new = ", ".join(f"COALESCE(EXCLUDED.{c}, {table}.{c})" for c in cols)
+    else:
+        new = ", ".join(f"EXCLUDED.{c}" for c in cols)
+    return f"({old}) IS DISTINCT FROM ({new})"
+
+
+# -- markets --------------------------------------------------------------------
+_MARKET_COLS = (
+    ("market_id", "text"),
+    ("condition_id", "text"),
+    ("question_id", "text"),
+    ("slug", "text"),
+    ("question", "text"),
+    ("event_id", "text"),
+    ("neg_risk_market_id", "text"),
+    ("active", "boolean"),
+    ("closed", "boolean"),
+    ("archived", "boolean"),
+    ("neg_risk", "boolean"),
+    ("start_date", "timestamptz"),
+    ("end_date", "timestamptz"),
+    ("closed_time", "timestamptz"),
+    ("volume", "numeric"),
+    ("volume_24h", "numeric"),
+    ("liquidity", "numeric"),
+    ("outcomes", "jsonb"),
+    ("tags", "jsonb"),
+    ("uma_resolution_status", "text"),
+    ("created_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
+    ("raw", "jsonb"),
+    ("first_seen_at", "timestamptz"),
+    ("last_seen_at", "timestamptz"),
+)
+_MARKET_DATA = [c for c, _ in _MARKET_COLS if c not in ("market_id", "first_seen_at", "last_seen_at")]
+# A row is rewritten when its payload changed and it is not older than what is
+# stored (Gamma's updatedAt; NULL on either side counts as newer). When nothing
+# changed, only last_seen_at moves, and at most once an hour, so a periodic full
+# scan does not rewrite every market every time.
+_MARKET_FRESH = (
+    "(markets.raw IS DISTINCT FROM EXCLUDED.raw"
+    " AND COALESCE(EXCLUDED.updated_at >= markets.updated_at, true))"
+)
+_MARKETS_CONFLICT = (
+    "ON CONFLICT (market_id) DO UPDATE SET "
+    + ", ".join(f"{c} = CASE WHEN {_MARKET_FRESH} THEN EXCLUDED.{c} ELSE markets.{c} END" for c in _MARKET_DATA)
+    + ", last_seen_at = GREATEST(markets.last_seen_at, EXCLUDED.last_seen_at)"
+    + f" WHERE {_MARKET_FRESH} OR markets.last_seen_at < EXCLUDED.last_seen_at - interval '1 hour'"
+)
+
+MARKETS = Table(
+    "markets",
+    _MARKET_COLS,
+    key=("market_id",),
+    merge=True,
+    conflict=_MARKETS_CONFLICT,
+    select={"first_seen_at": "COALESCE(s.first_seen_at, now())", "last_seen_at": "COALESCE(s.last_seen_at, now())"},
+)
+
+# -- tokens / followed_tokens ---------------------------------------------------
+_TOKEN_DATA = ["market_id", "condition_id", "outcome", "outcome_index"]
+TOKENS = Table(
+    "tokens",
+    (("token_id", "text"), ("market_id", "text"), ("condition_id", "text"), ("outcome", "text"), ("outcome_index", "int")),
+    key=("token_id",),
+    merge=True,
+    # A partial row (NULL fields) never erases what is known.
+    conflict=(
+        f"ON CONFLICT (token_id) DO UPDATE SET {_merge_set('tokens', _TOKEN_DATA, True)}"
+        f" WHERE {_changed('tokens', _TOKEN_DATA, True)}"
+    ),
+)
+
+_FOLLOWED_DATA = ["market_id", "condition_id", "outcome"]
+FOLLOWED_TOKENS = Table(
+    "followed_tokens",
+    (("token_id", "text"), ("market_id", "text"), ("condition_id", "text"), ("outcome", "text"), ("since", "timestamptz")),
+    key=("token_id",),
+    merge=True,
+    # `since` keeps the first time the token was followed.
+    conflict=(
+        f"ON CONFLICT (token_id) DO UPDATE SET {_merge_set('followed_tokens', _FOLLOWED_DATA, True)}"
+        f" WHERE {_changed('followed_tokens', _FOLLOWED_DATA, True)}"
+    ),
+    select={"since": "COALESCE(s.since, now())"},
+)
+
+# -- snapshots and trades: immutable facts, first write wins --------------------
+PRICE_SNAPSHOTS = Table(
+    "price_snapshots",
+    (
+        ("token_id", "text"),
+        ("ts", "timestamptz"),
+        ("condition_id", "text"),
+        ("best_bid", "numeric"),
+        ("best_ask", "numeric"),
+        ("mid", "numeric"),
+        ("last_trade_price", "numeric"),
+        ("received_at", "timestamptz"),
+    ),
+    key=("token_id", "ts"),
+    conflict="ON CONFLICT DO NOTHING",
+)
+
+ORDERBOOK_SNAPSHOTS = Table(
+    "orderbook_snapshots",
+    (
+        ("token_id", "text"),
+        ("condition_id", "text"),
+        ("ts", "timestamptz"),
+        ("hash", "text"),
+        ("best_bid", "numeric"),
+        ("best_ask", "numeric"),
+        ("spread", "numeric"),
+        ("bid_depth", "numeric"),
+        ("ask_depth", "numeric"),
+        ("bid_levels", "int"),
+        ("ask_levels", "int"),
+        ("bids", "jsonb"),
+        ("asks", "jsonb"),
+        ("received_at", "timestamptz"),
+    ),
+    key=("token_id", "ts", "hash"),
+    conflict="ON CONFLICT DO NOTHING",
+    select={"hash": "COALESCE(s.hash, '')"},
+)
+
+TRADES = Table(
+    "trades",
+    (
+        ("token_id", "text"),
+        ("condition_id", "text"),
+        ("ts", "timestamptz"),
+        ("price", "numeric"),
+        ("size", "numeric"),
+        ("side", "text"),
+        ("tx_hash", "text"),
+        ("ordinal", "int"),
+        ("fee_rate_bps", "numeric"),
+        ("source", "text"),
+        ("received_at", "timestamptz"),
+    ),
+    # (token_id, tx_hash, price, size, side, ordinal); without tx_hash, ts replaces it.
+    key=("token_id", "tx_hash", "price", "size", "side", "ordinal"),
+    # No conflict target: DO NOTHING then honours both partial unique indexes.
+    conflict="ON CONFLICT DO NOTHING",
+    select={"ordinal": "COALESCE(s.ordinal, 0)"},
+)
+
+# -- resolutions: corrected in place when the exchange corrects itself ----------
+_RESOLUTION_DATA = ["condition_id", "winning_token_id", "winning_outcome", "payouts", "status", "resolved_at"]
+RESOLUTIONS = Table(
+    "resolutions",
+    (
+        ("market_id", "text"),
+        ("condition_id", "text"),
+        ("winning_token_id", "text"),
+        ("winning_outcome", "text"),
+        ("payouts", "jsonb"),
+        ("status", "text"),
+        ("resolved_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
+        ("first_seen_at", "timestamptz"),
+    ),
+    key=("market_id",),
+    merge=True,
+    conflict=(
+        f"ON CONFLICT (market_id) DO UPDATE SET {_merge_set('resolutions', _RESOLUTION_DATA, False)},"
+        " updated_at = EXCLUDED.updated_at"
+        f" WHERE {_changed('resolutions', _RESOLUTION_DATA)}"
+    ),
+    select={"updated_at": "COALESCE(s.updated_at, now())", "first_seen_at": "COALESCE(s.first_seen_at, now())"},
+)
+
+# -- feed_gaps --------------------------------------------------------------------
+_GAP_DATA = ["ended_at", "reason", "recovered_at", "recovered_trades", "shard"]
+FEED_GAPS = Table(
+    "feed_gaps",
+    (
+        ("token_id", "text"),
+        ("started_at", "timestamptz"),
+        ("ended_at", "timestamptz"),
+        ("reason", "text"),
+        ("recovered_at", "timestamptz"),
+        ("recovered_trades", "int"),
+        ("shard", "text"),
+    ),
+    key=("token_id", "started_at"),
+    merge=True,
+    # Re-recording a gap fills in what is now known (end, recovery), never erases it.
+    conflict=(
+        f"ON CONFLICT (token_id, started_at) DO UPDATE SET {_merge_set('feed_gaps', _GAP_DATA, True)}"
+        f" WHERE {_changed('feed_gaps', _GAP_DATA, True)}"
+    ),
+)
+
+# Write order inside one batch: metadata before the facts that refer to it.
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (MARKETS, TOKENS, FOLLOWED_TOKENS, RESOLUTIONS, PRICE_SNAPSHOTS, ORDERBOOK_SNAPSHOTS, TRADES, FEED_GAPS)
+}
