@@ -66,14 +66,16 @@ class Corruption:
 
 def encode(record: Record) -> bytes:
     """One framed record."""
+    # surrogatepass: a lone surrogate in a string (bad upstream data) must not
+    # make the batch unspoolable; the database refuses that row later, visibly.
     payload = json.dumps(
         {"t": record.table, "c": record.columns, "r": record.rows}, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    ).encode("utf-8", "surrogatepass")
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def decode_payload(payload: bytes) -> Record:
-    obj = json.loads(payload)
+    obj = json.loads(payload.decode("utf-8", "surrogatepass"))
     return Record(obj["t"], list(obj["c"]), obj["r"])
 
 
@@ -89,6 +91,9 @@ class Spool:
         self._active_fd = -1
         self._active_size = 0
         self._next_seq = 1
+        # In memory, so the collector's hot loop never lists the directory:
+        # segment path -> size in bytes, oldest first (only this process writes here).
+        self._segments: dict[Path, int] = {}
         self.corruptions: list[Corruption] = []
 
     # -- lifecycle ------------------------------------------------------------
@@ -102,7 +107,8 @@ class Spool:
             os.close(fd)
             raise SpoolError(f"spool {self.directory} is in use by another process") from None
         self._lock_fd = fd
-        existing = self.segments()
+        existing = sorted(p for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
+        self._segments = {p: p.stat().st_size for p in existing}
         self._next_seq = (int(existing[-1].stem) + 1) if existing else 1
 
     def close(self) -> None:
@@ -126,6 +132,7 @@ class Spool:
         if self.fsync:
             os.fsync(self._active_fd)
         self._active_size += len(data)
+        self._segments[self._active] += len(data)
         return len(data)
 
     def _open_segment(self) -> None:
@@ -134,6 +141,7 @@ class Spool:
         self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._active = path
         self._active_size = 0
+        self._segments[path] = 0
         if self.fsync:
             self._fsync_dir()
 
@@ -155,7 +163,7 @@ class Spool:
     # -- reading -------------------------------------------------------------
     def segments(self) -> list[Path]:
         """All segment files, oldest first (the active one included)."""
-        return sorted(p for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
+        return list(self._segments)
 
     def sealed(self) -> list[Path]:
         """Segments no longer appended to, oldest first: what may replay now."""
@@ -166,18 +174,11 @@ class Spool:
         return self._active
 
     def pending(self) -> bool:
-        return bool(self.segments())
+        return bool(self._segments)
 
     def size(self) -> tuple[int, int]:
         """(bytes, segment count) waiting in the spool."""
-        total = count = 0
-        for path in self.segments():
-            try:
-                total += path.stat().st_size
-                count += 1
-            except FileNotFoundError:
-                pass
-        return total, count
+        return sum(self._segments.values()), len(self._segments)
 
     def read(self, segment: Path, offset: int = 0) -> Iterator[tuple[Record, int]]:
         """Yield (record, offset after it) from offset on.
@@ -237,6 +238,7 @@ class Spool:
         if segment == self._active:
             self.seal()
         segment.unlink(missing_ok=True)
+        self._segments.pop(segment, None)
         if self.fsync:
             self._fsync_dir()
 
@@ -245,7 +247,7 @@ class Spool:
         """Append a row the database refused (data error) to rejected.jsonl, durably."""
         line = json.dumps(
             {"at": round(time.time(), 3), "table": table, "error": error, "row": dict(zip(columns, row))},
-            ensure_ascii=False,
+            ensure_ascii=True,  # survives any string, lone surrogates included
             separators=(",", ":"),
         )
         fd = os.open(self.directory / "rejected.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
