@@ -1,0 +1,100 @@
+"""Order book of one binary market, held once for the first token and mirrored.
+
+Prices are integers in units of 0.0001 (so every allowed tick size, 0.1 down to
+0.0001, is a whole number of units) and sizes are integers in cents. The second
+token's book is the mirror of the first one: a bid at p on token 0 is an ask at
+1 - p on token 1 for the same size, exactly as the real complementary books look
+(polymarket-api.md §1.1). Keeping one book makes the two REST books and the WS
+events of both tokens agree by construction.
+
+Wire encodings (polymarket-api.md §3.1): decimal strings, bids ascending and asks
+descending (best level LAST), `hash` = SHA-1 of the compact JSON of the summary
+in wire field order with `hash` set to "".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+
+ONE = 10_000  # price units in 1.0
+
+
+def _price_text(units: int) -> str:
+    text = format(Decimal(units) / ONE, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+# Every possible price, formatted once: the hot path (trades, book events) only indexes.
+PRICE_TEXT: tuple[str, ...] = tuple(_price_text(u) for u in range(ONE + 1))
+
+
+def size_text(cents: int) -> str:
+    """Cents -> the exchange's size string: "2200.8", "100", "7429.41"."""
+    whole, frac = divmod(cents, 100)
+    if frac == 0:
+        return str(whole)
+    if frac % 10 == 0:
+        return f"{whole}.{frac // 10}"
+    return f"{whole}.{frac:02d}"
+
+
+def book_hash(summary: dict) -> str:
+    """SHA-1 hex of the compact JSON of `summary` (wire field order) with hash "" (§3.1)."""
+    body = dict(summary)
+    body["hash"] = ""
+    return hashlib.sha1(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+class Book:
+    """Levels of token 0: bids and asks as {price_units: size_cents}; best bid < best ask."""
+
+    __slots__ = ("bids", "asks", "tick")
+
+    def __init__(self, tick: int):
+        self.bids: dict[int, int] = {}
+        self.asks: dict[int, int] = {}
+        self.tick = tick
+
+    # -- top of book, per token -------------------------------------------------
+    def best_bid(self, token: int) -> int | None:
+        """Best bid of token 0 or 1 in units (None when that side is empty)."""
+        if token == 0:
+            return max(self.bids) if self.bids else None
+        return ONE - min(self.asks) if self.asks else None
+
+    def best_ask(self, token: int) -> int | None:
+        if token == 0:
+            return min(self.asks) if self.asks else None
+        return ONE - max(self.bids) if self.bids else None
+
+    def mid(self, token: int) -> int | None:
+        bid, ask = self.best_bid(token), self.best_ask(token)
+        if bid is None or ask is None:
+            return None
+        return (bid + ask) // 2
+
+    # -- wire -------------------------------------------------------------------
+    def levels(self, token: int) -> tuple[list[dict], list[dict]]:
+        """(bids ascending, asks descending) as [{price, size}] strings for token 0 or 1."""
+        if token == 0:
+            bids = sorted(self.bids.items())
+            asks = sorted(self.asks.items(), reverse=True)
+        else:
+            bids = sorted(((ONE - p, s) for p, s in self.asks.items()))
+            asks = sorted(((ONE - p, s) for p, s in self.bids.items()), reverse=True)
+        return (
+            [{"price": PRICE_TEXT[p], "size": size_text(s)} for p, s in bids],
+            [{"price": PRICE_TEXT[p], "size": size_text(s)} for p, s in asks],
+        )
+
+    def level_size(self, token: int, side: str, price: int) -> int:
+        """Current size in cents at `price` on `side` ('BUY' bids / 'SELL' asks) of a token."""
+        if token == 1:
+            price = ONE - price
+            side = "SELL" if side == "BUY" else "BUY"
+        levels = self.bids if side == "BUY" else self.asks
+        return levels.get(price, 0)

@@ -1,0 +1,263 @@
+"""polysim against the recorded payloads and the real APIs' query rules (one process per test)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import websocket
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def load(name: str):
+    return json.loads((DATA / name).read_text())
+
+
+def jtype(v) -> str:
+    return {bool: "bool", int: "number", float: "number", str: "str", list: "list",
+            dict: "dict", type(None): "null"}[type(v)]
+
+
+def same_shape(sim: dict, real: dict, keys) -> None:
+    """Every key in `keys` present in both with the same JSON type."""
+    for k in keys:
+        assert k in sim, f"simulator lacks {k!r}"
+        assert jtype(sim[k]) == jtype(real[k]), f"{k}: sim {jtype(sim[k])} != real {jtype(real[k])}"
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read())
+
+
+def get_error(url: str):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=30)
+    return e.value.code, e.value.read()
+
+
+def post(url: str, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def wait_for(pred, timeout: float = 20.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("condition not met before the deadline")
+
+
+def book_hash_ok(book: dict) -> bool:
+    body = dict(book)
+    body["hash"] = ""
+    return hashlib.sha1(json.dumps(body, separators=(",", ":")).encode()).hexdigest() == book["hash"]
+
+
+GAMMA_KEYS = ("id", "question", "conditionId", "slug", "endDate", "liquidity", "liquidityNum", "startDate", "description",
+              "outcomes", "outcomePrices", "volume", "active", "closed", "createdAt", "updatedAt",
+              "archived", "questionID", "enableOrderBook", "orderPriceMinTickSize", "orderMinSize",
+              "volumeNum", "endDateIso", "startDateIso", "volume24hr", "clobTokenIds", "acceptingOrders",
+              "negRisk", "umaResolutionStatuses", "bestBid", "bestAsk", "spread")
+
+
+def test_gamma_market_shapes_match_recorded(polysim):
+    sim = polysim(markets=12, seed=3, trade_rate=20.0)
+    _, live = get(sim.gamma_url + "/markets?limit=100")
+    real_live = load("gamma_market_live_559651_include_tag.json")
+    assert live and all(m["closed"] is False for m in live)
+    for m in live:
+        same_shape(m, real_live, GAMMA_KEYS)
+        outcomes, prices, tokens = (json.loads(m[k]) for k in ("outcomes", "outcomePrices", "clobTokenIds"))
+        assert len(outcomes) == len(prices) == len(tokens) == 2
+        assert all(isinstance(t, str) and t.isdigit() and 77 <= len(t) <= 78 for t in tokens)
+        assert m["id"].isdigit() and len(m["conditionId"]) == 66 and m["conditionId"].startswith("0x")
+        assert "umaResolutionStatus" not in m and "closedTime" not in m
+    _, closed = get(sim.gamma_url + "/markets?closed=true&limit=100")
+    real_closed = load("gamma_market_resolved_wta_2336501.json")
+    assert closed and all(m["closed"] is True for m in closed)
+    for m in closed:
+        same_shape(m, real_closed, ("closedTime", "umaEndDate", "umaResolutionStatus", "automaticallyResolved")
+                   + tuple(k for k in GAMMA_KEYS if k not in ("bestBid", "bestAsk", "spread", "liquidity", "liquidityNum")))
+        assert m["umaResolutionStatus"] == "resolved"
+        assert json.loads(m["outcomePrices"]) in (["1", "0"], ["0", "1"], ["0.5", "0.5"])
+        # Postgres text form, like the recording: "2026-05-25 22:43:31+00"
+        assert len(m["closedTime"]) == 22 and m["closedTime"][10] == " " and m["closedTime"].endswith("+00")
+    _, one = get(sim.gamma_url + f"/markets/{live[0]['id']}?include_tag=true")
+    assert one["$schema"] and isinstance(one["tags"], list) and one["tags"][0]["id"]
+
+
+def test_gamma_query_rules(polysim):
+    sim = polysim(markets=130, seed=4, trade_rate=1.0, closed_markets=5)
+    _, page = get(sim.gamma_url + "/markets?limit=500")
+    assert len(page) == 100, "limit is clamped to 100"
+    _, rest = get(sim.gamma_url + "/markets?limit=100&offset=100")
+    assert len(rest) == 30
+    assert not {m["id"] for m in page} & {m["id"] for m in rest}
+    code, body = get_error(sim.gamma_url + "/markets?offset=5000")
+    assert code == 422 and json.loads(body)["type"] == "validation error"
+    # closed defaults to false, even when asking for a closed market by id
+    _, closed = get(sim.gamma_url + "/markets?closed=true")
+    cid = closed[0]["id"]
+    _, by_id = get(sim.gamma_url + f"/markets?id={cid}")
+    assert by_id == []
+    _, by_id = get(sim.gamma_url + f"/markets?id={cid}&closed=true")
+    assert [m["id"] for m in by_id] == [cid]
+    # keyset: after_cursor pages, no next_cursor on the last page, `cursor` is ignored
+    seen, cursor, pages = [], None, 0
+    while True:
+        url = sim.gamma_url + "/markets/keyset?limit=50" + (f"&after_cursor={cursor}" if cursor else "")
+        _, body = get(url)
+        pages += 1
+        seen += [m["id"] for m in body["markets"]]
+        cursor = body.get("next_cursor")
+        if not cursor:
+            break
+    assert pages == 3 and len(seen) == len(set(seen)) == 130
+    _, again = get(sim.gamma_url + "/markets/keyset?limit=50&cursor=whatever")
+    assert [m["id"] for m in again["markets"]] == seen[:50]
+    code, _ = get_error(sim.gamma_url + "/markets/keyset?limit=50&offset=10")
+    assert code == 422
+
+
+def test_clob_books_prices_and_listing(polysim):
+    sim = polysim(markets=6, seed=5, trade_rate=30.0, clob_page_size=5, closed_markets=6)
+    _, markets = get(sim.gamma_url + "/markets")
+    tokens = [t for m in markets for t in json.loads(m["clobTokenIds"])]
+    real = load("clob_book_559651_yes.json")
+    _, book = get(sim.clob_url + f"/book?token_id={tokens[0]}")
+    same_shape(book, real, list(real))
+    assert list(book) == list(real), "field order as sent (the hash depends on it)"
+    assert book_hash_ok(book) and book_hash_ok(real)
+    bids = [float(b["price"]) for b in book["bids"]]
+    asks = [float(a["price"]) for a in book["asks"]]
+    assert bids == sorted(bids) and asks == sorted(asks, reverse=True), "best level last"
+    assert bids[-1] < asks[-1]
+    _, mirror = get(sim.clob_url + f"/book?token_id={tokens[1]}")
+    assert {(round(1 - float(a["price"]), 4), a["size"]) for a in mirror["asks"]} == \
+        {(float(b["price"]), b["size"]) for b in book["bids"]}
+    books = post(sim.clob_url + "/books", [{"token_id": t} for t in tokens] + [{"token_id": "123"}])
+    assert sorted(b["asset_id"] for b in books) == sorted(tokens)
+    code, body = get_error(sim.clob_url + "/book?token_id=123456")
+    assert code == 404 and json.loads(body) == {"error": "No orderbook exists for the requested token id"}
+    _, prices = get(sim.clob_url + f"/prices?token_ids={tokens[0]},{tokens[0]}&sides=BUY,SELL")
+    assert prices[tokens[0]] == {"BUY": book["bids"][-1]["price"], "SELL": book["asks"][-1]["price"]} \
+        or set(prices[tokens[0]]) == {"BUY", "SELL"}  # the book may have moved in between
+    mids = post(sim.clob_url + "/midpoints", [{"token_id": t} for t in tokens])
+    assert set(mids) == set(tokens) and all(isinstance(v, str) for v in mids.values())
+    wait_for(lambda: len(sim.ledger()) > 0)
+    last = post(sim.clob_url + "/last-trades-prices", [{"token_id": t} for t in tokens])
+    assert {r["token_id"] for r in last} == set(tokens)
+    assert all(set(r) == {"token_id", "price", "side"} and r["side"] in ("BUY", "SELL", "") for r in last)
+    # listing pages with base64 offsets, ending with LTE=
+    real_row = load("clob_markets_page_2024.json")["data"][0]
+    cursor, rows = "MA==", []
+    while cursor != "LTE=":
+        _, page = get(sim.clob_url + f"/markets?next_cursor={cursor}")
+        assert set(page) == {"data", "next_cursor", "limit", "count"}
+        rows += page["data"]
+        cursor = page["next_cursor"]
+    assert len(rows) == 12
+    for row in rows:
+        same_shape(row, real_row, [k for k in real_row if k not in ("accepting_order_timestamp", "game_start_time")])
+        same_shape(row["tokens"][0], real_row["tokens"][0], list(real_row["tokens"][0]))
+    assert sum(t["winner"] for r in rows for t in r["tokens"]) >= 1
+
+
+def test_data_trades_equal_ledger(polysim):
+    sim = polysim(markets=5, seed=6, trade_rate=200.0, multi_fill=0.5)
+    wait_for(lambda: len(sim.ledger()) >= 300)
+    ledger = sim.ledger()
+    real = load("data_api_trades_row.json")[0]
+    by_market = {}
+    for t in ledger:
+        by_market.setdefault(t["market"], []).append(t)
+    cids = list(by_market)
+    got = []
+    for cid in cids:
+        _, rows = get(sim.data_url + f"/trades?market={cid}&limit=10000")
+        for r in rows:
+            same_shape(r, real, list(real))
+        got += [r for r in rows if r["transactionHash"] in {t["transaction_hash"] for t in by_market[cid]}]
+        ts = [r["timestamp"] for r in rows]
+        assert ts == sorted(ts, reverse=True), "newest first"
+    key_l = sorted((t["asset_id"], t["transaction_hash"], round(float(t["price"]), 4), float(t["size"]), t["side"],
+                    int(t["timestamp"]) // 1000) for t in ledger)
+    key_d = sorted((r["asset"], r["transactionHash"], round(r["price"], 4), r["size"], r["side"], r["timestamp"])
+                   for r in got)
+    assert key_l == key_d
+    # several fills in one transaction, with exact repeats: collectors must keep an ordinal
+    per_tx = {}
+    for t in ledger:
+        per_tx.setdefault(t["transaction_hash"], []).append((t["asset_id"], t["price"], t["size"], t["side"]))
+    assert any(len(v) > 1 for v in per_tx.values())
+    assert any(len(v) != len(set(v)) for v in per_tx.values())
+    _, capped = get(sim.data_url + "/trades?limit=5")
+    assert len(capped) == 5
+    code, _ = get_error(sim.data_url + "/trades?offset=10001")
+    assert code == 400
+
+
+def ws_connect(sim, assets, custom=False, timeout=10):
+    ws = websocket.create_connection(sim.ws_url, timeout=timeout, skip_utf8_validation=True)
+    ws.send(json.dumps({"assets_ids": assets, "type": "market", "custom_feature_enabled": custom}))
+    return ws
+
+
+def ws_messages(ws, until, timeout=20.0):
+    """Receive frames (arrays flattened) until until(msgs) is true; text frames kept as str."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = ws.recv()
+        if frame in ("PONG",):
+            out.append(frame)
+        else:
+            data = json.loads(frame)
+            out += data if isinstance(data, list) else [data]
+        if until(out):
+            return out
+    raise AssertionError(f"timed out; got {len(out)} messages")
+
+
+def test_ws_subscribe_dump_trades_ping_unsubscribe(polysim):
+    sim = polysim(markets=3, seed=7, trade_rate=50.0)
+    _, markets = get(sim.gamma_url + "/markets")
+    tokens = [t for m in markets for t in json.loads(m["clobTokenIds"])]
+    ws = ws_connect(sim, tokens)
+    first = json.loads(ws.recv())
+    assert isinstance(first, list) and sorted(b["asset_id"] for b in first) == sorted(tokens)
+    real = json.loads((DATA / "ws_market_messages.jsonl").read_text().splitlines()[0])
+    for b in first:
+        same_shape(b, real, list(real))
+        assert book_hash_ok({k: v for k, v in b.items() if k != "event_type"})
+    msgs = ws_messages(ws, lambda ms: sum(m.get("event_type") == "last_trade_price" for m in ms if isinstance(m, dict)) >= 5)
+    real_trade = json.loads((DATA / "ws_market_messages.jsonl").read_text().splitlines()[4])
+    for m in msgs:
+        if m.get("event_type") == "last_trade_price":
+            same_shape(m, real_trade, list(real_trade))
+            assert m["asset_id"] in tokens
+    ws.send("PING")
+    assert "PONG" in ws_messages(ws, lambda ms: "PONG" in ms)
+    ws.send(json.dumps({"operation": "unsubscribe", "assets_ids": tokens}))
+    time.sleep(0.5)
+    ws.settimeout(1.0)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        while True:  # drain what was in flight, then silence
+            ws.recv()
+    ws.settimeout(10)
+    ws.send(json.dumps({"operation": "subscribe", "assets_ids": tokens[:1]}))
+    dump = json.loads(ws.recv())
+    assert isinstance(dump, list) and [b["asset_id"] for b in dump] == tokens[:1]
+    ws.close()
