@@ -84,6 +84,22 @@ def set_level(loglevel: str) -> None:
     logging.getLogger().setLevel(getattr(logging, loglevel.upper(), logging.INFO))
 
 
+def detach_files() -> None:
+    """In a new child: let go of the inherited log file; the next line opens it afresh.
+
+    A child then holds the log only while it writes to it, so one that never
+    logs keeps no fd on a file logrotate renamed or deleted.
+    """
+    for handler in logging.getLogger().handlers:
+        if _ours(handler) and isinstance(handler, logging.handlers.WatchedFileHandler):
+            stream, handler.stream = handler.stream, None
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
 def fds() -> set[int]:
     """File descriptors the log handlers write to (a child keeps these open)."""
     out = set()

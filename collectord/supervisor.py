@@ -170,8 +170,8 @@ def _child_main(
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
-        keep = {0, 1, 2, hb_w} | logs.fds()
-        keep -= set(close_fds)
+        logs.detach_files()
+        keep = {0, 1, 2, hb_w} - set(close_fds)
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd not in keep:
