@@ -10,11 +10,17 @@ and counted: never half-written.
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+import time
+from datetime import datetime, timedelta
 from typing import Any, Iterator
 
 from workers import payload as p
-from workers.errors import PayloadError
+from workers.errors import HttpError, PayloadError
+from workers.polling import PollingWorker, utcnow
+from workers.selection import choose, followed_rows
+
+log = logging.getLogger(__name__)
 
 TAG_KEYS = ("id", "label", "slug")
 
@@ -76,6 +82,14 @@ def _tags(value: Any) -> list[dict] | None:
     return out
 
 
+def _first(obj: dict, *keys: str) -> Any:
+    """The first of keys that holds a value (not absent, None or "")."""
+    for key in keys:
+        if obj.get(key) not in (None, ""):
+            return obj[key]
+    return None
+
+
 def outcome_tokens(obj: dict) -> list[tuple[str, str]]:
     """[(token_id, outcome), ...] in `outcomes` order; [] for a market with no CLOB tokens.
 
@@ -112,8 +126,8 @@ def parse_market(obj: Any, event: dict | None = None, seen_at: datetime | None =
     if tags is None and event is not None:
         tags = _tags(event.get("tags"))
     end_date = p.timestamp(obj.get("endDate"), "endDate") or p.timestamp(obj.get("endDateIso"), "endDateIso")
-    volume = obj.get("volume24hr") if obj.get("volume24hr") is not None else obj.get("volume24hrClob")
-    liquidity = obj.get("liquidityNum") if obj.get("liquidityNum") is not None else obj.get("liquidity")
+    volume = _first(obj, "volume24hr", "volume24hrClob")
+    liquidity = _first(obj, "liquidity", "liquidityNum")  # the string form carries every digit
     row = {
         "market_id": market_id,
         "condition_id": condition_id,
@@ -121,12 +135,16 @@ def parse_market(obj: Any, event: dict | None = None, seen_at: datetime | None =
         "slug": p.opt_text(obj.get("slug")),
         "question": p.opt_text(obj.get("question")),
         "event_id": event_id,
+        "neg_risk_market_id": p.opt_text(obj.get("negRiskMarketID")),
         "active": p.opt_bool(obj.get("active"), "active"),
         "closed": p.opt_bool(obj.get("closed"), "closed"),
         "archived": p.opt_bool(obj.get("archived"), "archived"),
         "neg_risk": p.opt_bool(obj.get("negRisk"), "negRisk"),
+        "start_date": p.timestamp(obj.get("startDate"), "startDate") or p.timestamp(obj.get("startDateIso"),
+                                                                                  "startDateIso"),
         "end_date": end_date,
         "closed_time": p.timestamp(obj.get("closedTime"), "closedTime"),
+        "volume": p.decimal(_first(obj, "volume", "volumeNum"), "volume"),
         "volume_24h": p.decimal(volume, "volume24hr"),
         "liquidity": p.decimal(liquidity, "liquidity"),
         "outcomes": [str(o) for o in outcomes] if outcomes is not None else None,
@@ -175,3 +193,216 @@ def parse(payload: Any, seen_at: datetime | None = None) -> p.Parsed:
     out.rows["markets"] = list(markets.values())
     out.rows["tokens"] = list(by_token.values())
     return out
+
+
+# -- the collector -------------------------------------------------------------------
+
+class FullScan:
+    """Progress of one full keyset scan: open markets first, then closed ones."""
+
+    def __init__(self):
+        self.phases = [False, True]  # the value of Gamma's `closed` filter per phase
+        self.cursor: str | None = None
+        self.offset = 0  # used when keyset paging is unavailable (legacy offset paging)
+        self.legacy = False
+        self.pages = 0
+        self.markets = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.phases[0]
+
+    def next_phase(self) -> bool:
+        """Advance to the next phase; False when the scan is complete."""
+        self.phases.pop(0)
+        self.cursor, self.offset = None, 0
+        return bool(self.phases)
+
+
+class MarketsCollector(PollingWorker):
+    """Keeps `markets` and `tokens` complete and decides the followed set.
+
+    Each cycle, in order:
+      1. a full scan starts when none ran yet or the last one finished
+         full_scan_interval ago: /markets/keyset with after_cursor, closed=false
+         then closed=true (Gamma's `closed` defaults to false: both are asked
+         explicitly); the open phase of the first scan runs to its end in one
+         cycle (nothing can be followed before), later pages go
+         full_scan_pages per cycle so the frequent scan keeps its pace;
+      2. the frequent scan: /markets ordered by updatedAt descending (open and
+         closed), paging until it reaches what the previous scan saw (minus an
+         overlap) or recent_pages; plus one page of the newest by createdAt:
+         newly listed and newly closed markets land within one interval;
+      3. rows flushed, then the followed set recomputed from the database with
+         [selection] (workers.selection) and replaced in one transaction.
+    """
+
+    OPTIONS = {
+        **PollingWorker.OPTIONS,
+        "interval": (float, 60.0),
+        "full_scan_interval": (float, 3600.0),
+        "full_scan_pages": (int, 200),
+        "recent_pages": (int, 10),
+        "page_size": (int, 100),
+        "overlap": (float, 300.0),  # seconds of updatedAt overlap (Gamma answers can be 5 min stale)
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._scan: FullScan | None = None
+        self._scans_done = 0
+        self._last_full_done: float | None = None
+        self._watermark: dict[bool, datetime | None] = {False: None, True: None}
+        self.followed = 0
+
+    @property
+    def gamma(self) -> str:
+        return self.urls.get("gamma_url", "https://gamma-api.polymarket.com").rstrip("/")
+
+    def cycle(self, figures: dict) -> None:
+        figures.update(markets=0, tokens=0, pages=0)
+        errors = 0
+        now = time.monotonic()
+        if self._scan is None and (self._last_full_done is None
+                                   or now - self._last_full_done >= self.options["full_scan_interval"]):
+            self._scan = FullScan()
+        if self._scans_done == 0 and self._scan is not None and not self._scan.closed:
+            errors += self._full_scan(figures, pages=None)  # first open pass: to the end
+        for closed in (False, True):
+            errors += self._recent_scan(closed, figures)
+        errors += self._newest(figures)
+        if self._scan is not None:
+            errors += self._full_scan(figures, pages=self.options["full_scan_pages"])
+        self.checkpoint()
+        self._refresh_followed(figures)
+        figures["followed"] = self.followed
+        figures["full_scan"] = ("running" if self._scan else "idle")
+        if errors == 0:
+            self.success()
+
+    # -- fetching ---------------------------------------------------------------------
+    def _store(self, data: Any, figures: dict) -> list[dict]:
+        """Parse one page, buffer its rows; returns the market rows."""
+        parsed = parse(data, seen_at=utcnow())
+        if parsed.skipped:
+            self.skipped("gamma markets", parsed)
+        rows = parsed.table("markets")
+        self.writer.add("markets", rows)
+        self.writer.add("tokens", parsed.table("tokens"))
+        figures["markets"] += len(rows)
+        figures["tokens"] += len(parsed.table("tokens"))
+        figures["pages"] += 1
+        for row in rows:
+            closed = bool(row["closed"])
+            if row["updated_at"] and (self._watermark[closed] is None or row["updated_at"] > self._watermark[closed]):
+                self._watermark[closed] = row["updated_at"]
+        return rows
+
+    def _full_scan(self, figures: dict, pages: int | None) -> int:
+        """Advance the running full scan by up to `pages` pages (None: to the end of the phase)."""
+        scan = self._scan
+        done = 0
+        while scan is not None and (pages is None or done < pages):
+            self.checkpoint()
+            size = self.options["page_size"]
+            params = {"limit": size, "closed": "true" if scan.closed else "false", "include_tag": "true"}
+            try:
+                if scan.legacy:
+                    params.update(offset=scan.offset, order="id", ascending="true")
+                    data = self.client.get_json(f"{self.gamma}/markets", params)
+                    items = data if isinstance(data, list) else []
+                    scan.offset += size
+                    more = bool(items)
+                else:
+                    if scan.cursor:
+                        params["after_cursor"] = scan.cursor
+                    data = self.client.get_json(f"{self.gamma}/markets/keyset", params)
+                    nxt = data.get("next_cursor") if isinstance(data, dict) else None
+                    if nxt and nxt == scan.cursor:
+                        log.warning("%s: keyset cursor echoed back; ending this phase", self.name)
+                        nxt = None
+                    scan.cursor = nxt or None
+                    more = bool(nxt)
+            except HttpError as err:
+                if not scan.legacy and scan.cursor is None and err.status in (404, 405, 501, 503):
+                    log.warning("%s: keyset paging unavailable (%s); using offset paging", self.name, err)
+                    scan.legacy = True
+                    continue
+                if scan.legacy and err.status == 422:  # "offset too large": as far as legacy paging goes
+                    more, data = False, []
+                else:
+                    self.failure(str(err))
+                    return 1  # resume from the same cursor next cycle
+            rows = self._store(data, figures)
+            scan.pages += 1
+            scan.markets += len(rows)
+            done += 1
+            if not more:
+                log.info("%s: full scan of %s markets done (%d pages)", self.name,
+                         "closed" if scan.closed else "open", scan.pages)
+                if not scan.next_phase():
+                    self._scan = None
+                    self._scans_done += 1
+                    self._last_full_done = time.monotonic()
+                    return 0
+                if pages is None:
+                    return 0  # the first pass stops after the open phase
+        return 0
+
+    def _recent_scan(self, closed: bool, figures: dict) -> int:
+        """Recently updated markets, newest first, down to the previous scan's watermark."""
+        mark = self._watermark[closed]
+        size = self.options["page_size"]
+        for page in range(max(1, self.options["recent_pages"])):
+            self.checkpoint()
+            params = {"limit": size, "offset": page * size, "closed": "true" if closed else "false",
+                      "order": "updatedAt", "ascending": "false", "include_tag": "true"}
+            try:
+                data = self.client.get_json(f"{self.gamma}/markets", params)
+            except HttpError as err:
+                if err.status == 422:
+                    return 0
+                self.failure(str(err))
+                return 1
+            rows = self._store(data, figures)
+            if not rows:
+                return 0
+            times = [r["updated_at"] for r in rows if r["updated_at"]]
+            if mark is None or not times or min(times) < mark - timedelta(seconds=self.options["overlap"]):
+                return 0
+        return 0
+
+    def _newest(self, figures: dict) -> int:
+        """One page of the newest open markets by createdAt (a new market may not be the most updated)."""
+        self.checkpoint()
+        params = {"limit": self.options["page_size"], "closed": "false", "order": "createdAt",
+                  "ascending": "false", "include_tag": "true"}
+        try:
+            self._store(self.client.get_json(f"{self.gamma}/markets", params), figures)
+        except HttpError as err:
+            self.failure(str(err))
+            return 1
+        return 0
+
+    # -- the followed set ------------------------------------------------------------------
+    def _refresh_followed(self, figures: dict) -> None:
+        """Flush, choose from the database with [selection], replace followed_tokens atomically."""
+        import psycopg2
+
+        from workers.storage.followed import replace_followed, selection_candidates
+
+        self.writer.flush()
+        now = utcnow()
+        hours = float(self.selection.get("recent_closed_hours") or 0)
+        try:
+            candidates = selection_candidates(self.db, now - timedelta(hours=hours) if hours > 0 else None)
+            rows = followed_rows(choose(self.selection, candidates, now))
+            added, removed = replace_followed(self.db, rows, now)
+        except psycopg2.Error as err:
+            self.failure(f"followed set not updated: database: {type(err).__name__}")
+            log.warning("%s: followed set not updated (database: %s)", self.name, str(err).strip()[:200])
+            return
+        self.followed = len(rows)
+        figures.update(followed_added=added, followed_removed=removed)
+        if added or removed:
+            log.info("%s: following %d tokens (+%d -%d)", self.name, len(rows), added, removed)
