@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from workers import payload as p
-from workers.errors import PayloadError
+from workers.errors import HttpError, PayloadError
+from workers.polling import PollingWorker, chunks, utcnow
+
+log = logging.getLogger(__name__)
 
 TABLE = "orderbook_snapshots"
 # Field order of OrderBookSummary: the exchange's hash covers the object in this order.
@@ -120,3 +125,83 @@ def parse(payload: Any, received_at: datetime | None = None) -> p.Parsed:
             keys.add(key)
             out.add(TABLE, row)
     return out
+
+
+def levels_digest(row: dict) -> str:
+    """A digest of a snapshot's levels. The exchange's hash covers its timestamp too,
+    so it changes on every poll; two snapshots with equal levels are the same book."""
+    return hashlib.sha1(json.dumps([row["bids"], row["asks"]], separators=(",", ":")).encode()).hexdigest()
+
+
+class OrderbooksCollector(PollingWorker):
+    """Every interval, a full book snapshot per followed token via POST /books.
+
+    Per chunk of `batch` tokens one request; the answer is matched by asset_id
+    (the exchange drops unknown ids and new markets 404 for a few minutes), so
+    tokens absent from it are counted as missing, not failed. With
+    skip_unchanged, a book whose levels equal the last one written for that
+    token is not written again until unchanged_every seconds passed; each
+    cycle's coverage (asked, received, written, unchanged, missing, malformed,
+    failed batches) is in the status counters.
+    """
+
+    OPTIONS = {
+        **PollingWorker.OPTIONS,
+        "interval": (float, 30.0),
+        "batch": (int, 250),
+        "skip_unchanged": (bool, True),
+        "unchanged_every": (float, 300.0),
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._last: dict[str, tuple[str, float]] = {}  # token -> (levels digest, monotonic time written)
+
+    @property
+    def clob(self) -> str:
+        return self.urls.get("clob_url", "https://clob.polymarket.com").rstrip("/")
+
+    def cycle(self, figures: dict) -> None:
+        from workers.storage.followed import followed_tokens
+
+        ids = [t.token_id for t in followed_tokens(self.db)]
+        received = written = unchanged = missing = malformed = failed = 0
+        groups = chunks(ids, self.options["batch"])
+        for chunk in groups:
+            self.checkpoint()
+            try:
+                data = self.client.post_json(f"{self.clob}/books", [{"token_id": t} for t in chunk])
+            except HttpError as err:
+                failed += 1
+                self.failure(str(err))
+                continue
+            parsed = parse(data, received_at=utcnow())
+            if parsed.skipped:
+                malformed += parsed.skipped
+                self.skipped("books", parsed)
+            wanted = set(chunk)
+            rows = [r for r in parsed.table(TABLE) if r["token_id"] in wanted]
+            got = {r["token_id"] for r in rows}
+            received += len(got)
+            missing += len(wanted - got)
+            now = time.monotonic()
+            keep = []
+            for row in rows:
+                digest = levels_digest(row)
+                last = self._last.get(row["token_id"])
+                if (self.options["skip_unchanged"] and last is not None and last[0] == digest
+                        and now - last[1] < self.options["unchanged_every"]):
+                    unchanged += 1
+                    continue
+                self._last[row["token_id"]] = (digest, now)
+                keep.append(row)
+            self.writer.add(TABLE, keep)
+            written += len(keep)
+        if len(self._last) > 2 * len(ids) + 1000:  # forget tokens no longer followed
+            followed = set(ids)
+            self._last = {k: v for k, v in self._last.items() if k in followed}
+        figures.update(tokens=len(ids), received=received, written=written, unchanged=unchanged, missing=missing,
+                       malformed=malformed, failed_batches=failed, batches=len(groups),
+                       coverage=round(received / len(ids), 4) if ids else None)
+        if failed < len(groups) or not groups:
+            self.success()

@@ -31,14 +31,19 @@ seen on consecutive polls (Gamma caches up to 5 min), downgrades that row.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from workers import payload as p
-from workers.errors import PayloadError
+from workers.errors import HttpError, PayloadError
 from workers.markets import market_objects, outcome_tokens
+from workers.polling import PollingWorker, chunks, utcnow
+
+log = logging.getLogger(__name__)
 
 TABLE = "resolutions"
 FINAL = ("resolved", "void", "scalar", "unknown")
@@ -163,3 +168,93 @@ def same_outcome(a: dict, b: dict) -> bool:
             payouts = [p.decimal(v) for v in payouts]
         return row.get("status"), row.get("winning_token_id"), row.get("winning_outcome"), payouts
     return norm(a) == norm(b)
+
+
+class ResolutionsCollector(PollingWorker):
+    """Asks Gamma about closed markets that are not settled yet, writes each resolution once.
+
+    Each cycle, in order:
+      1. from the database, up to max_markets closed markets with no final
+         resolution row, or one first seen within recheck_hours (the exchange
+         may still correct it), walking the whole set by market_id across cycles;
+      2. per `batch` ids: GET /markets?id=..&id=..&closed=true (a closed market
+         is only returned with closed=true), classify() each;
+      3. a final verdict is written when the market has no row or its row says
+         something else (a correction, logged); "disputed" on a market with a
+         final row, seen downgrade_after polls in a row (Gamma caches up to
+         5 min), rewrites the row as disputed with no winner until it settles.
+    """
+
+    OPTIONS = {
+        **PollingWorker.OPTIONS,
+        "interval": (float, 60.0),
+        "batch": (int, 40),  # ids per request (long id lists hit URL and Cloudflare limits)
+        "max_markets": (int, 2000),
+        "recheck_hours": (float, 72.0),
+        "downgrade_after": (int, 2),
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._cursor = ""
+        self._disputed: dict[str, int] = {}
+
+    @property
+    def gamma(self) -> str:
+        return self.urls.get("gamma_url", "https://gamma-api.polymarket.com").rstrip("/")
+
+    def cycle(self, figures: dict) -> None:
+        from workers.storage.followed import resolution_rows, unsettled_markets
+
+        now = utcnow()
+        limit = max(1, self.options["max_markets"])
+        ids = unsettled_markets(self.db, self._cursor, limit, now - timedelta(hours=self.options["recheck_hours"]))
+        self._cursor = ids[-1] if len(ids) == limit else ""  # wrap around after the last page
+        states: Counter = Counter()
+        written = corrected = failed = malformed = 0
+        groups = chunks(ids, self.options["batch"])
+        for chunk in groups:
+            self.checkpoint()
+            params = [("id", m) for m in chunk] + [("closed", "true"), ("limit", str(len(chunk)))]
+            try:
+                data = self.client.get_json(f"{self.gamma}/markets", params)
+            except HttpError as err:
+                failed += 1
+                self.failure(str(err))
+                continue
+            parsed, verdicts = parse(data, seen_at=utcnow())
+            if parsed.skipped:
+                malformed += parsed.skipped
+                self.skipped("gamma resolutions", parsed)
+            stored = resolution_rows(self.db, [v.market_id for v in verdicts])
+            rows = []
+            for v in verdicts:
+                states[v.state] += 1
+                old = stored.get(v.market_id)
+                if v.row is not None:
+                    self._disputed.pop(v.market_id, None)
+                    if old is None:
+                        rows.append(v.row)
+                    elif not same_outcome(old, v.row):
+                        corrected += 1
+                        log.warning("%s: market %s resolution changed: %s %s -> %s %s", self.name, v.market_id,
+                                    old.get("status"), old.get("winning_outcome"), v.row["status"],
+                                    v.row["winning_outcome"])
+                        rows.append(v.row)
+                elif v.state == "disputed" and old is not None and old.get("status") in FINAL:
+                    seen = self._disputed[v.market_id] = self._disputed.get(v.market_id, 0) + 1
+                    if seen >= self.options["downgrade_after"]:
+                        corrected += 1
+                        log.warning("%s: market %s is disputed again; its resolution is withdrawn", self.name,
+                                    v.market_id)
+                        rows.append({"market_id": v.market_id, "condition_id": v.condition_id,
+                                     "winning_token_id": None, "winning_outcome": None, "payouts": None,
+                                     "status": "disputed", "resolved_at": None, "updated_at": utcnow()})
+                else:
+                    self._disputed.pop(v.market_id, None)
+            self.writer.add(TABLE, rows)
+            written += len(rows)
+        figures.update(checked=len(ids), written=written, corrected=corrected, malformed=malformed,
+                       failed_batches=failed, states=dict(states))
+        if failed < len(groups) or not groups:
+            self.success()
