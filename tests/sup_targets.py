@@ -340,12 +340,12 @@ class SupervisorRun:
         os.replace(tmp, self.ini)
 
     # -- process -------------------------------------------------------------
-    def start(self, wait_started: tuple[str, ...] = ()) -> "SupervisorRun":
+    def start(self, wait_started: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()) -> "SupervisorRun":
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.stderr = open(self.tmp / "stderr.txt", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.sup_targets", str(self.ini), "--log"],
+            [sys.executable, "-m", "tests.sup_targets", str(self.ini), "--log", *extra_args],
             cwd=str(ROOT),
             env=env,
             stdin=subprocess.DEVNULL,
@@ -459,7 +459,8 @@ def main(argv: list[str]) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        return Supervisor(config, dsn=dsn, migrate=False, foreground="--log" not in argv, close_in_child=(fd,)).run()
+        sup = Supervisor(config, dsn=dsn, migrate="--migrate" in argv, foreground="--log" not in argv, close_in_child=(fd,))
+        return sup.run()
     finally:
         os.unlink(config.pidfile)
         os.close(fd)
