@@ -1,0 +1,378 @@
+"""`collectord demo`: polysim + the supervisor + an embedded PostgreSQL, in one command.
+
+run() does, in order:
+  1. picks the demo directory (--dir, default `collectord-demo` in the system
+     temp directory) and says where it is; refuses one under /root when run as
+     root (the embedded server runs as its own system user and cannot enter it)
+     and one where a demo is still running; removes the previous run's data, so
+     every demo starts from an empty database;
+  2. starts polysim (`python -m polysim --port 0 ...`) in its own session and
+     reads the port from its ready line;
+  3. writes <dir>/collectord.conf: empty dsn (embedded PostgreSQL under
+     <dir>/data/pgdata), PID file, status, logs and spool under <dir>, the
+     exchange URLs pointing at polysim, a small followed set and short
+     intervals so rows show up within seconds;
+  4. runs `collectord -c <dir>/collectord.conf start --foreground` as a child
+     in its own session (its log goes to <dir>/log/);
+  5. prints one line every few seconds: rows per table and each collector's
+     state, until Ctrl-C / SIGTERM or --seconds after the collectors started;
+  6. stops the supervisor (SIGTERM: collectors flush, the embedded server
+     stops), then polysim;
+  7. prints the rows per table, counted after the final flush (the embedded
+     server is started once more for that), and where the data is.
+Signal handlers only set a flag and write to a wake pipe; the loop acts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from collectord.config import BUILTIN_TARGETS, Config
+from collectord.errors import CollectordError
+
+TABLES = ("markets", "tokens", "followed_tokens", "price_snapshots", "orderbook_snapshots",
+          "trades", "resolutions", "feed_gaps")
+SHORT = {"markets": "markets", "tokens": "tokens", "followed_tokens": "followed", "price_snapshots": "prices",
+         "orderbook_snapshots": "books", "trades": "trades", "resolutions": "resolutions", "feed_gaps": "gaps"}
+EVERY = 5.0  # seconds between progress lines
+READY_TIMEOUT = 30.0  # polysim's ready line
+START_TIMEOUT = 180.0  # first start: initdb of the embedded server, migrations
+STOP_TIMEOUT = 90.0  # supervisor stop: graceful_timeout + embedded server stop
+POLYSIM = {"markets": 30, "seed": 7, "trade-rate": 20, "resolve-rate": 0.02, "new-market-rate": 0.02}
+GRACEFUL = 10  # graceful_timeout in the demo config
+
+# Per-collector settings that make data appear within seconds; each is written
+# only if the collector class has that option (a collector's OPTIONS decide).
+DEMO_OPTIONS: dict[str, dict[str, str]] = {
+    "markets": {"interval": "5", "full_scan_interval": "60", "followed_interval": "5"},
+    "prices": {"interval": "2"},
+    "orderbooks": {"interval": "3"},
+    "resolutions": {"interval": "5"},
+    "trades": {"refresh_interval": "2", "coverage_interval": "2"},
+}
+
+
+class DemoError(CollectordError):
+    """The demo cannot start or run; the message says why."""
+
+
+class _Stop:
+    """SIGINT/SIGTERM -> a flag and a byte on a pipe (the loop waits on it)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.w, False)
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        os.close(self.r)
+        os.close(self.w)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+        try:
+            os.write(self.w, b"x")
+        except OSError:
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to timeout; True as soon as a stop was requested."""
+        if self.requested is None and timeout > 0:
+            select.select([self.r], [], [], timeout)
+        return self.requested is not None
+
+
+def default_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "collectord-demo"
+
+
+def demo_options(name: str, wanted: dict[str, str]) -> dict[str, str]:
+    """The wanted options the built-in collector `name` actually has (its OPTIONS)."""
+    module, _, cls = BUILTIN_TARGETS[name].partition(":")
+    try:
+        options = getattr(importlib.import_module(module), cls).OPTIONS
+    except Exception:  # the supervisor reports a broken collector itself
+        return {}
+    return {k: v for k, v in wanted.items() if k in options}
+
+
+def write_config(directory: Path, port: int) -> Path:
+    """<dir>/collectord.conf for this run: everything under <dir>, URLs at polysim."""
+    base = f"http://127.0.0.1:{port}"
+    lines = [
+        "# Written by `collectord demo` for one run (rewritten at the next).",
+        "[collectord]",
+        f"pidfile = {directory / 'run' / 'collectord.pid'}",
+        f"logfile = {directory / 'log' / 'collectord.log'}",
+        "loglevel = INFO",
+        f"data_dir = {directory / 'data'}",
+        "# empty: an embedded PostgreSQL under data_dir/pgdata",
+        "dsn =",
+        f"graceful_timeout = {GRACEFUL}",
+        "health_interval = 10",
+    ]
+    if os.geteuid() == 0:
+        lines += ["# the demo runs as whoever started it, root included", "allow_root = yes"]
+    lines += [
+        "",
+        "[restart]",
+        "backoff_initial = 1",
+        "backoff_max = 5",
+        "",
+        "[polymarket]",
+        f"gamma_url = {base}/gamma",
+        f"clob_url = {base}/clob",
+        f"data_url = {base}/data",
+        f"ws_url = ws://127.0.0.1:{port}/ws/market",
+        "",
+        "[selection]",
+        "max_markets = 10",
+    ]
+    for name in BUILTIN_TARGETS:
+        options = demo_options(name, DEMO_OPTIONS.get(name, {}))
+        if options:
+            lines += ["", f"[collector:{name}]"] + [f"{k} = {v}" for k, v in options.items()]
+    path = directory / "collectord.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_polysim(directory: Path) -> tuple[subprocess.Popen, int]:
+    """polysim on a free loopback port, output in <dir>/log/polysim.log; (process, port)."""
+    log_path = directory / "log" / "polysim.log"
+    cmd = [sys.executable, "-m", "polysim", "--port", "0"]
+    for key, value in POLYSIM.items():
+        cmd += [f"--{key}", str(value)]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        m = re.search(r"listening on http://[^\s:]+:(\d+)", text)
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    terminate(proc, 5)
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    raise DemoError(f"polysim did not start: {tail[0]} (log: {log_path})")
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM, wait up to timeout, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def read_status(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def count_rows(dsn: str) -> dict[str, int | None]:
+    """{table: rows} (None for a table not there yet), with short timeouts."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn, connect_timeout=5, options="-c statement_timeout=5000")
+    try:
+        conn.autocommit = True
+        counts: dict[str, int | None] = {}
+        with conn.cursor() as cur:
+            for table in TABLES:
+                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+                if not cur.fetchone()[0]:
+                    counts[table] = None
+                    continue
+                cur.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 (names from TABLES)
+                counts[table] = cur.fetchone()[0]
+        return counts
+    finally:
+        conn.close()
+
+
+def progress_line(elapsed: float, counts: dict[str, int | None] | None, doc: dict | None) -> str:
+    if counts:
+        rows = "  ".join(f"{SHORT[t]} {counts[t]}" for t in TABLES if counts.get(t) is not None)
+    else:
+        rows = "database not answering yet"
+    states = ", ".join(f"{c.get('name')} {c.get('state')}" for c in (doc or {}).get("children") or ())
+    return f"[{elapsed:5.0f}s] {rows} | {states or 'starting'}"
+
+
+def final_counts(pgdata: Path) -> tuple[dict[str, int | None] | None, str]:
+    """Rows per table after the supervisor stopped: start the embedded server once more.
+
+    Returns (counts, the server's URI) or (None, why not).
+    """
+    try:
+        with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" is no news here
+            warnings.simplefilter("ignore")
+            from workers.storage import embedded
+
+            server = embedded.start(pgdata)
+    except Exception as err:
+        return None, f"{type(err).__name__}: {err}"
+    try:
+        return count_rows(server.uri), server.uri
+    except Exception as err:
+        return None, f"{type(err).__name__}: {err}"
+    finally:
+        server.stop()
+
+
+def run(args: Any, config: Config | None = None) -> int:
+    """`collectord demo [--dir D] [--seconds S]` -> exit code (0 after a clean stop)."""
+    directory = Path(os.path.abspath(args.dir)) if getattr(args, "dir", None) else default_dir()
+    seconds = getattr(args, "seconds", None)
+    if os.geteuid() == 0 and (directory == Path("/root") or Path("/root") in directory.parents):
+        raise DemoError(f"{directory}: as root the demo directory must be outside /root "
+                        "(the embedded PostgreSQL runs as its own user); use --dir")
+    for sub in ("log", "run"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)  # the embedded server's user must traverse it
+    conf = directory / "collectord.conf"
+    status_path = directory / "run" / "status.json"
+    if conf.exists() and _running(conf):
+        raise DemoError(f"a demo is already running in {directory}: "
+                        f"collectord -c {conf} stop (or use another --dir)")
+    print(f"collectord demo: directory {directory}", flush=True)
+    if (directory / "data").exists():
+        print("collectord demo: removing the previous run's data", flush=True)
+        shutil.rmtree(directory / "data")
+    status_path.unlink(missing_ok=True)
+
+    stop = _Stop()
+    stop.install()
+    sim = supervisor = None
+    try:
+        sim, port = start_polysim(directory)
+        print(f"collectord demo: polysim (simulated exchange) on http://127.0.0.1:{port}", flush=True)
+        conf = write_config(directory, port)
+        out = open(directory / "log" / "supervisor.out", "wb")
+        with out:
+            supervisor = subprocess.Popen(
+                [sys.executable, "-m", "collectord", "-c", str(conf), "start", "--foreground"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        print(f"collectord demo: supervisor pid {supervisor.pid} starting (first start initialises "
+              f"the embedded PostgreSQL); log {directory / 'log'}", flush=True)
+        _watch(supervisor, status_path, stop, seconds, directory)
+    finally:
+        stopped_by = stop.requested
+        code = _shutdown(supervisor, sim)
+        stop.restore()
+    return _summary(directory, conf, code, stopped_by)
+
+
+def _running(conf: Path) -> bool:
+    proc = subprocess.run([sys.executable, "-m", "collectord", "-c", str(conf), "status"],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    return proc.returncode == 0
+
+
+def _watch(supervisor: subprocess.Popen, status_path: Path, stop: _Stop, seconds: float | None,
+           directory: Path) -> None:
+    """Progress lines until a stop request, --seconds after the collectors started, or a dead supervisor."""
+    began = time.monotonic()
+    started = None  # when status.json first listed children (the supervisor is ready)
+    next_line = began
+    while True:
+        now = time.monotonic()
+        if supervisor.poll() is not None:
+            tail = _tail(directory / "log" / "supervisor.out")
+            raise DemoError(f"the supervisor exited with status {supervisor.returncode}: {tail} "
+                            f"(logs: {directory / 'log'})")
+        doc = read_status(status_path)
+        if started is None and doc and doc.get("children"):
+            started = now
+        if started is None and now - began > START_TIMEOUT:
+            raise DemoError(f"the supervisor was not ready after {START_TIMEOUT:.0f}s (logs: {directory / 'log'})")
+        if seconds is not None and started is not None and now - started >= seconds:
+            return
+        if now >= next_line:
+            counts = None
+            dsn = (doc or {}).get("dsn")
+            if dsn:
+                try:
+                    counts = count_rows(dsn)
+                except Exception:
+                    counts = None
+            print(progress_line(now - began, counts, doc), flush=True)
+            next_line = now + EVERY
+        wait = next_line - time.monotonic()
+        if seconds is not None and started is not None:
+            wait = min(wait, started + seconds - time.monotonic())
+        if stop.wait(max(0.05, min(wait, 1.0))):
+            print(f"\ncollectord demo: {stop.requested}, stopping", flush=True)
+            return
+
+
+def _shutdown(supervisor: subprocess.Popen | None, sim: subprocess.Popen | None) -> int | None:
+    """Supervisor first (its collectors flush into the database), then polysim."""
+    code = None
+    if supervisor is not None:
+        print("collectord demo: stopping the supervisor (collectors flush, then the database stops)", flush=True)
+        code = terminate(supervisor, STOP_TIMEOUT)
+    if sim is not None:
+        terminate(sim, 10)
+    return code
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no output"
+    return lines[-1] if lines else "no output"
+
+
+def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | None) -> int:
+    pgdata = directory / "data" / "pgdata"
+    counts, uri = final_counts(pgdata) if pgdata.exists() else (None, "no database was created")
+    print("")
+    print(f"collectord demo: supervisor exited with status {code}" + (f" after {stopped_by}" if stopped_by else ""))
+    if counts is None:
+        print(f"collectord demo: cannot count rows: {uri}")
+        uri = f"postgresql://postgres@/collectord?host={pgdata}"
+    else:
+        print("rows per table:")
+        for table in TABLES:
+            value = counts.get(table)
+            print(f"  {table:<20} {'(missing)' if value is None else value:>8}")
+    print(f"data: embedded PostgreSQL, data directory {pgdata}, database collectord")
+    print(f"  serve it again:  collectord -c {conf} start   (and later: ... stop)")
+    print(f"  then query it:   psql '{uri}'")
+    print(f"logs: {directory / 'log'}   config: {conf}")
+    return 0 if code == 0 and counts is not None else 1
