@@ -129,6 +129,7 @@ class Exchange:
             m = make_market(self.seed, i, gamma_id_for(i), event if j % 10 < 3 else None, created, 0)
             if m.event.neg_risk:
                 m.created_ms = m.event.created_ms
+            m.book_ms = self.epoch_ms
             self._add(m)
             self.tradable.append(m)
 
@@ -256,6 +257,7 @@ class Exchange:
         if len(levels) < 3:
             self._replenish(m, asks=takes_asks)
         m.book_version += 1
+        m.book_ms = ts
         self._traded.add(m.index)
         self._touched.add(m.index)
 
@@ -313,6 +315,7 @@ class Exchange:
             size = 0
             del levels[p]
         m.book_version += 1
+        m.book_ms = self.now_ms
         self._touched.add(m.index)
         if book.tick == 100:
             bb, ba = book.best_bid(0), book.best_ask(0)
@@ -435,13 +438,13 @@ class Exchange:
         tok = m.tokens[token]
         last = m.last_trade[token]
         if not ws:
-            out = {"market": m.condition_id, "asset_id": tok, "timestamp": str(self.now_ms),
+            out = {"market": m.condition_id, "asset_id": tok, "timestamp": str(m.book_ms),
                    "hash": "", "bids": bids, "asks": asks, "min_order_size": "5",
                    "tick_size": TICK_TEXT[m.book.tick], "neg_risk": m.event.neg_risk,
                    "last_trade_price": PRICE_TEXT[last[0]] if last else ""}
             out["hash"] = book_hash(out)
             return out
-        out = {"market": m.condition_id, "asset_id": tok, "timestamp": str(self.now_ms),
+        out = {"market": m.condition_id, "asset_id": tok, "timestamp": str(m.book_ms),
                "hash": "", "bids": bids, "asks": asks}
         if initial:
             out["tick_size"] = TICK_TEXT[m.book.tick]

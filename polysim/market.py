@@ -84,6 +84,7 @@ class Market:
     volume_cents: int = 0
     last_trade: list = field(default_factory=lambda: [None, None])  # per token: (units, side)
     book_version: int = 0
+    book_ms: int = 0  # time of the last book change (the book's `timestamp`)
     top_sent: tuple | None = None  # last best bid/ask announced by best_bid_ask
     proposal_mid: int | None = None  # token 0 mid when trading stopped (Gamma's price while proposed)
 
@@ -155,5 +156,5 @@ def make_market(seed: int, index: int, gamma_id: int, event: Event | None,
         fee_rate_bps="0" if rng.random() < 0.8 else "1000",
         created_ms=created_ms, start_ms=start_ms, end_ms=end_ms,
         clob_ready_ms=created_ms + clob_delay_ms, book=seed_book(rng, tick), rng=rng,
-        updated_ms=created_ms,
+        updated_ms=created_ms, book_ms=created_ms,
     )
