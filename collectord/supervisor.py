@@ -408,7 +408,6 @@ class Supervisor:
         except OSError as err:
             log.warning("PR_SET_CHILD_SUBREAPER failed: %s", err)
         self._sel = selectors.DefaultSelector()
-        self._install_signals()
         self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         now = self.clock()
         for spec in build_specs(self.config, self.dsn):
@@ -456,12 +455,13 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------
     def run(self) -> int:
         """Set up, spawn, loop until stopped or nothing is left; return the exit code."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # nothing may arrive half set up
         try:
-            try:
-                self._setup()
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            # Handlers first (they only enqueue): a SIGTERM during the database
+            # start or the migrations is acted on by the first loop turn, which
+            # then forks nothing. No signal mask here: the embedded server's
+            # processes must not inherit blocked signals.
+            self._install_signals()
+            self._setup()
             self._loop()
         except CollectordError:
             raise
@@ -512,7 +512,7 @@ class Supervisor:
             deadline = min(deadline, child.state.next_deadline())
             if child.kill_at is not None:
                 deadline = min(deadline, child.kill_at)
-            if child.state.alive and child.last_heartbeat is not None and child.hb_fd >= 0 and not self.stopping:
+            if self._watched(child):
                 deadline = min(deadline, child.last_heartbeat + self.config.watchdog_timeout)
         if self.stopping:
             for d in (self.stop_deadline, self.kill_wait_until):
@@ -745,13 +745,7 @@ class Supervisor:
                 log.warning("%s: pid %d still alive after SIGTERM: SIGKILL", child.spec.name, child.state.pid)
                 self._kill_child(child)
                 child.kill_at = None
-            if (
-                not self.stopping
-                and child.state.alive
-                and child.state.state is not State.STOPPING
-                and child.last_heartbeat is not None
-                and now - child.last_heartbeat >= self.config.watchdog_timeout
-            ):
+            if self._watched(child) and now - child.last_heartbeat >= self.config.watchdog_timeout:
                 log.error(
                     "%s: pid %d silent for %.1fs (watchdog_timeout %.0fs): SIGKILL",
                     child.spec.name,
@@ -769,6 +763,16 @@ class Supervisor:
         elif now >= self._next_health:
             self._health(now)
             self._next_health = now + self.config.health_interval
+
+    def _watched(self, child: Child) -> bool:
+        """Under the watchdog: alive, not being stopped, and has sent a heartbeat (0 disables)."""
+        return (
+            self.config.watchdog_timeout > 0
+            and not self.stopping
+            and child.state.alive
+            and child.state.state is not State.STOPPING
+            and child.last_heartbeat is not None
+        )
 
     def _kill_child(self, child: Child) -> None:
         pid = child.state.pid
