@@ -166,7 +166,8 @@ def test_systemd_unit_required_keys_configparser():
     assert svc["KillMode"] == "mixed"  # SIGTERM to the supervisor only; it forwards
     # The stop timeout outlasts the supervisor's default graceful_timeout.
     assert float(svc["TimeoutStopSec"]) > cfgmod.parse("", euid=0).graceful_timeout
-    assert svc["RuntimeDirectory"] == "collectord"
+    # systemd-made directories would be root's: collectord creates them for `user`.
+    assert "RuntimeDirectory" not in svc and "StateDirectory" not in svc and "LogsDirectory" not in svc
     for path in ("/var/lib/collectord", "/var/log/collectord", "/run/collectord"):
         assert path in svc["ReadWritePaths"]
     assert svc["NoNewPrivileges"] == "yes"
