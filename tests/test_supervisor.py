@@ -484,3 +484,24 @@ def test_exits_1_when_nothing_left(sup):
     run = sup({"done": {"target": "Exiter", "code": "0"}, "bad": {"target": "Exiter", "code": "78"}}).start()
     assert run.wait_exit(10) == 1
     assert "no collector is running or scheduled" in run.log()
+
+
+def test_s5_dead_child_never_promoted_when_supervisor_wakes_late(sup):
+    """The supervisord 4.3 race, forced: the child dies before startsecs while the supervisor
+    is stopped (SIGSTOP); it wakes after startsecs with both the exit and the timer due.
+    Reaping comes first, so the child goes to BACKOFF and is never RUNNING."""
+    run = sup(
+        {"crash": {"target": "Crasher", "after": "0.2"}, "w": {"target": "Sleeper"}},
+        main={"startsecs": 1.0},
+        restart={"backoff_initial": 30, "backoff_max": 30},
+    ).start(wait_started=("w",))
+    first = run.wait_start("crash")
+    run.kill_pid(run.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: run.events("exit", "crash"), 3, what="crash exit while the supervisor is stopped")
+        time.sleep(max(0.0, first["t"] + 1.3 - time.monotonic()))  # past startsecs
+    finally:
+        run.kill_pid(run.pid, signal.SIGCONT)
+    st = run.wait_state("crash", "BACKOFF", timeout=5)
+    assert st["restarts"] == 1
+    assert "crash: STARTING -> RUNNING" not in run.log()
