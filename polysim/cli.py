@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated time zero as epoch ms (default: now) for reproducible timestamps")
     p.add_argument("--batch-max", type=_positive(int), default=d.batch_max,
                    help="most messages per WebSocket array frame")
+    p.add_argument("--max-frame-ids", type=_positive(int), default=d.max_frame_ids,
+                   help="ids in one subscribe frame above which the connection is closed")
+    p.add_argument("--max-dump-assets", type=_positive(int), default=d.max_dump_assets,
+                   help="assets per connection past which no initial book is sent")
     p.add_argument("--clob-page-size", type=_positive(int), default=d.clob_page_size,
                    help="rows per CLOB /markets page")
     p.add_argument("--tick", type=_positive(float), default=d.tick, help="engine period in seconds")
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         trade_book_updates=args.trade_book_updates, multi_fill=args.multi_fill,
         ping_timeout=args.ping_timeout, epoch_ms=args.epoch_ms, batch_max=args.batch_max,
         clob_page_size=args.clob_page_size, tick=args.tick,
+        max_frame_ids=args.max_frame_ids, max_dump_assets=args.max_dump_assets,
     )
     from polysim.server import run  # aiohttp is only needed to serve, not to print --help
 

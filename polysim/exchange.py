@@ -75,6 +75,7 @@ class Exchange:
         self.by_token: dict[str, tuple[Market, int]] = {}
         self.by_condition: dict[str, Market] = {}
         self.by_gamma: dict[str, Market] = {}
+        self.by_event: dict[str, list[Market]] = {}
         self.tradable: list[Market] = []
         self.ledger = Ledger(opts.seed)
         self.txno = 0
@@ -137,6 +138,7 @@ class Exchange:
         self.markets.append(m)
         self.by_condition[m.condition_id] = m
         self.by_gamma[m.gamma_id] = m
+        self.by_event.setdefault(m.event.id, []).append(m)
         for k, tok in enumerate(m.tokens):
             self.by_token[tok] = (m, k)
 

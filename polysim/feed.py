@@ -8,7 +8,10 @@ Per connection, in order:
      "assets_ids": [...]} frames change the set live (a subscribe dumps too).
   2. Text `PING` is answered with text `PONG`. A connection that sent no PING
      for `ping_timeout` seconds is closed (protocol-level pings do not count).
-  3. With custom_feature_enabled the connection also gets `best_bid_ask` for its
+  3. Real limits: a subscribe frame with more than `max_frame_ids` ids closes
+     the connection; assets beyond `max_dump_assets` on one connection get no
+     initial snapshot (their deltas still flow).
+  4. With custom_feature_enabled the connection also gets `best_bid_ask` for its
      assets and the global `new_market` / `market_resolved` announcements.
 
 Messages are serialized once by the exchange and fanned out as strings. Each
@@ -179,6 +182,10 @@ class Feed:
         if not isinstance(ids, list):
             ids = []
         ids = [a for a in ids if isinstance(a, str)]
+        if len(ids) > self.opts.max_frame_ids:
+            # The real server closes a connection whose subscribe frame is too large.
+            await self._close(c, 1009, "subscribe frame too large")
+            return
         op = msg.get("operation")
         if op == "unsubscribe":
             self._unsubscribe(c, ids)
@@ -199,7 +206,9 @@ class Feed:
             c.assets.add(a)
             self.subs.setdefault(a, set()).add(c)
             hit = x.by_token.get(a)
-            if dump and hit is not None and hit[0].tradable(x.now_ms):
+            # Past max_dump_assets the real server silently skips snapshots (deltas still flow).
+            if (dump and hit is not None and hit[0].tradable(x.now_ms)
+                    and len(c.assets) <= self.opts.max_dump_assets):
                 books.append(x.book_summary(hit[0], hit[1], ws=True, initial=True))
         if books:
             c.frames.append(json.dumps(books, separators=(",", ":")))

@@ -196,7 +196,7 @@ class Gamma:
                 "negRisk": e.neg_risk, "active": True, "closed": self._event_closed(e.id)}
 
     def _event_markets(self, event_id: str) -> list[Market]:
-        return [m for m in self.x.markets if m.event.id == event_id]
+        return self.x.by_event.get(event_id, [])
 
     def _event_closed(self, event_id: str) -> bool:
         return all(m.closed for m in self._event_markets(event_id))
@@ -383,9 +383,7 @@ class Gamma:
             closed = False
         ids = set(q.getall("id", []))
         slugs = set(q.getall("slug", []))
-        groups: dict[str, list[Market]] = {}
-        for m in self.x.markets:
-            groups.setdefault(m.event.id, []).append(m)
+        groups = self.x.by_event
         out = []
         for eid, ms in groups.items():
             if all(m.closed for m in ms) != closed:

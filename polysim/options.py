@@ -26,6 +26,8 @@ class Options:
     tick: float = 0.01             # engine period in seconds
     batch_max: int = 500           # most messages in one WS array frame
     max_pending: int = 200_000     # a WS client this far behind is dropped (slow consumer)
+    max_frame_ids: int = 2000      # a subscribe frame with more ids closes the connection (real: rs-clob-client-v2 #116)
+    max_dump_assets: int = 750     # assets past this many on one connection get no initial `book` (real, 2026)
     clob_page_size: int = 1000     # CLOB /markets rows per page
     gamma_default_limit: int = 20  # Gamma list page size when `limit` is omitted
 

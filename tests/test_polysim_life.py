@@ -188,3 +188,19 @@ def _busy_port() -> int:
     s.listen()
     _held.append(s)
     return s.getsockname()[1]
+
+
+def test_real_subscription_limits(polysim):
+    sim = polysim(markets=6, seed=24, trade_rate=20.0, max_frame_ids=5, max_dump_assets=3)
+    _, markets = get(sim.gamma_url + "/markets")
+    tokens = [t for m in markets for t in json.loads(m["clobTokenIds"])]
+    big = websocket.create_connection(sim.ws_url, timeout=10)
+    big.send(json.dumps({"assets_ids": tokens[:6], "type": "market"}))
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        for _ in range(1000):
+            big.recv()
+    ws = websocket.create_connection(sim.ws_url, timeout=10)
+    ws.send(json.dumps({"assets_ids": tokens[:5], "type": "market"}))
+    dump = json.loads(ws.recv())
+    assert [b["asset_id"] for b in dump] == tokens[:3], "no snapshot past max_dump_assets"
+    ws.close()
