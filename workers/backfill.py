@@ -1,0 +1,261 @@
+"""Backfill: the trades of a feed gap, fetched from the Data API `/trades` (v1).
+
+Pure part: `rows_from_data_api(payload, tokens)` turns a `/trades` response into
+`trades` rows exactly comparable with the live ones, and `number_repeats(rows)`
+gives them their ordinals (see workers/trades.py for why this meets the live
+numbering). Stateful part: `BackfillQueue` groups closed gaps into jobs (one
+window, up to `markets_per_request` condition ids) and runs a job one HTTP request
+per `step()`, so the listener's loop never blocks on more than one request.
+
+Matching the live twin (polymarket-api.md §4.3): the Data API gives floats
+(`0.709999959`) and seconds. Prices are rounded to 0.0001, the finest tick the
+exchange allows: every market's tick (0.1 .. 0.0001) divides it, so the rounding is
+exact for any market whatever tick was in force when the trade happened, while the
+market's *current* tick (it changes near 0 and 1, `tick_size_change`) could
+misround an older trade. The Data API's float error (~1e-8) is far below half of
+0.0001. Sizes are rounded to 6 decimals (the exchange's size precision). Both are
+then written in canonical decimal text, the same text the live parser produces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any, Callable, Iterable
+
+from workers.messages import EPOCH, decimal_text
+
+log = logging.getLogger(__name__)
+
+PRICE_QUANTUM = Decimal("0.0001")
+SIZE_QUANTUM = Decimal("0.000001")
+MAX_OFFSET = 10_000  # the Data API answers 400 beyond this offset: split the window instead
+
+
+def _quantized(value: Any, quantum: Decimal) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        dec = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+    if not dec.is_finite() or dec < 0:
+        return None
+    return decimal_text(dec.quantize(quantum, rounding=ROUND_HALF_EVEN))
+
+
+def rows_from_data_api(payload: Any, tokens: set[str] | None = None) -> tuple[list[dict], int]:
+    """A `/trades` response -> (rows without ordinal, number of rows skipped as invalid).
+
+    Rows of tokens outside `tokens` (when given) are dropped silently: another
+    shard or nobody follows them.
+    """
+    rows: list[dict] = []
+    skipped = 0
+    if not isinstance(payload, list):
+        return rows, 1
+    for item in payload:
+        if not isinstance(item, dict):
+            skipped += 1
+            continue
+        token = item.get("asset")
+        if tokens is not None and token not in tokens:
+            continue
+        price = _quantized(item.get("price"), PRICE_QUANTUM)
+        size = _quantized(item.get("size"), SIZE_QUANTUM)
+        side = item.get("side")
+        ts = item.get("timestamp")
+        tx = item.get("transactionHash")
+        condition = item.get("conditionId")
+        if (not isinstance(token, str) or not token.isdigit() or price is None or size is None or size == "0"
+                or Decimal(price) > 1 or side not in ("BUY", "SELL") or isinstance(ts, bool)
+                or not isinstance(ts, int) or not 0 < ts < 10**11):
+            skipped += 1
+            continue
+        rows.append({
+            "token_id": token,
+            "condition_id": condition if isinstance(condition, str) else None,
+            "ts": EPOCH + timedelta(seconds=ts),
+            "price": price,
+            "size": size,
+            "side": side,
+            "tx_hash": tx.lower() if isinstance(tx, str) and tx else None,
+            "fee_rate_bps": None,
+            "source": "backfill",
+        })
+    return rows, skipped
+
+
+def number_repeats(rows: list[dict]) -> list[dict]:
+    """Give each row its ordinal: 0, 1, ... over exact repeats of one transaction.
+
+    Repeats are rows equal in (token_id, tx_hash, price, size, side) (or, without a
+    transaction hash, in (token_id, ts, price, size, side)). Rows that are exact
+    repeats cannot be told apart, so any numbering of k repeats that uses 0..k-1
+    names the same set of rows: the caller must pass ALL rows of each transaction.
+    """
+    seen: Counter = Counter()
+    for row in rows:
+        tx = row["tx_hash"]
+        key = (row["token_id"], tx if tx else row["ts"], row["price"], row["size"], row["side"])
+        row["ordinal"] = seen[key]
+        seen[key] += 1
+    return rows
+
+
+@dataclass
+class Gap:
+    """One token's interval that may lack trades (wall-clock datetimes)."""
+
+    token_id: str
+    condition_id: str | None
+    started_at: datetime
+    ended_at: datetime | None
+    reason: str
+
+    def row(self, shard: str, recovered_at: datetime | None = None, found: int | None = None) -> dict:
+        return {"token_id": self.token_id, "started_at": self.started_at, "ended_at": self.ended_at,
+                "reason": self.reason, "recovered_at": recovered_at, "recovered_trades": found, "shard": shard}
+
+
+@dataclass
+class Job:
+    """Fetch one window for some markets, page by page (splitting it when too deep)."""
+
+    start: int  # epoch seconds, margin included
+    end: int
+    conditions: list[str]
+    gaps: list[Gap]
+    windows: list = field(default_factory=list)  # (start, end) still to fetch; the last is current
+    offset: int = 0
+    rows: list = field(default_factory=list)
+    mark: int = 0  # len(rows) when the current window started
+    requests: int = 0
+
+    def __post_init__(self):
+        if not self.windows:
+            self.windows = [(self.start, self.end)]
+
+
+@dataclass
+class Done:
+    """A finished job: trade rows to write and gap rows marking recovery."""
+
+    trades: list[dict]
+    gaps: list[dict]
+    requests: int
+
+
+class BackfillQueue:
+    """Closed gaps waiting for the Data API, run as jobs of one request per step."""
+
+    def __init__(self, get_json: Callable[[str, dict], Any], data_url: str, *, shard: str, delay: float = 30.0,
+                 margin: float = 5.0, page: int = 1000, markets_per_request: int = 20,
+                 wall: Callable[[], float] = lambda: datetime.now(timezone.utc).timestamp()):
+        self.get_json = get_json
+        self.url = data_url.rstrip("/") + "/trades"
+        self.shard = shard
+        self.delay, self.margin = delay, margin
+        self.page = max(1, min(page, MAX_OFFSET))
+        self.markets_per_request = max(1, markets_per_request)
+        self.wall = wall
+        self.waiting: list[Gap] = []
+        self.jobs: list[Job] = []
+        self.requests = 0
+        self.recovered = 0
+        self.trades_found = 0
+        self.invalid_rows = 0
+
+    def __len__(self) -> int:
+        return len(self.waiting) + sum(len(j.gaps) for j in self.jobs)
+
+    def add(self, gap: Gap) -> None:
+        if gap.ended_at is None:
+            raise ValueError("only closed gaps are backfilled")
+        self.waiting.append(gap)
+
+    def _plan(self, now: float) -> None:
+        """Group due gaps (ended at least `delay` ago) by window into jobs."""
+        due = [g for g in self.waiting if g.ended_at.timestamp() + self.delay <= now]
+        if not due:
+            return
+        self.waiting = [g for g in self.waiting if g.ended_at.timestamp() + self.delay > now]
+        windows: dict[tuple[int, int], list[Gap]] = {}
+        for gap in due:
+            start = math.floor(gap.started_at.timestamp() - self.margin)
+            end = math.ceil(gap.ended_at.timestamp() + self.margin)
+            windows.setdefault((start, end), []).append(gap)
+        for (start, end), gaps in sorted(windows.items()):
+            conditions = sorted({g.condition_id for g in gaps if g.condition_id})
+            for i in range(0, max(1, len(conditions)), self.markets_per_request):
+                chunk = conditions[i:i + self.markets_per_request]
+                members = [g for g in gaps if g.condition_id in chunk] if chunk else gaps
+                self.jobs.append(Job(start, end, chunk, members))
+
+    def pending(self, now: float) -> bool:
+        """True when step() has a request to make now."""
+        return bool(self.jobs) or any(g.ended_at.timestamp() + self.delay <= now for g in self.waiting)
+
+    def step(self, tokens: set[str]) -> Done | None:
+        """Make at most one request; return a Done when a job finished.
+
+        Raises what get_json raises (the job stays queued and is retried).
+        `tokens` filters rows to the tokens this process follows.
+        """
+        now = self.wall()
+        if not self.jobs:
+            self._plan(now)
+        if not self.jobs:
+            return None
+        job = self.jobs[0]
+        if not job.conditions:  # gaps without a known market cannot be queried: record them as is
+            self.jobs.pop(0)
+            return self._finish(job, [])
+        start, end = job.windows[-1]
+        params = {"market": ",".join(job.conditions), "start": start, "end": end,
+                  "limit": self.page, "offset": job.offset, "takerOnly": "true"}
+        payload = self.get_json(self.url, params)
+        self.requests += 1
+        job.requests += 1
+        page = payload if isinstance(payload, list) else []
+        if len(page) >= self.page and job.offset + 2 * self.page > MAX_OFFSET and end > start:
+            # Too deep for offset paging: split this window and fetch both halves afresh.
+            mid = (start + end) // 2
+            job.windows[-1:] = [(mid + 1, end), (start, mid)]
+            del job.rows[job.mark:]
+            job.offset = 0
+            return None
+        job.rows.extend(page)
+        if len(page) >= self.page:
+            job.offset += self.page
+            return None
+        job.windows.pop()
+        job.offset = 0
+        job.mark = len(job.rows)
+        if job.windows:
+            return None
+        self.jobs.pop(0)
+        rows, bad = rows_from_data_api(job.rows, tokens)
+        self.invalid_rows += bad
+        return self._finish(job, rows)
+
+    def _finish(self, job: Job, rows: list[dict]) -> Done:
+        number_repeats(rows)
+        recovered_at = datetime.fromtimestamp(self.wall(), timezone.utc)
+        gap_rows = []
+        for gap in job.gaps:
+            lo = math.floor(gap.started_at.timestamp())
+            hi = math.ceil(gap.ended_at.timestamp())
+            found = sum(1 for r in rows if r["token_id"] == gap.token_id and lo <= r["ts"].timestamp() <= hi)
+            gap_rows.append(gap.row(self.shard, recovered_at, found))
+            self.recovered += 1
+        self.trades_found += len(rows)
+        return Done(rows, gap_rows, job.requests)
+
+
+def count_by_token(rows: Iterable[dict]) -> Counter:
+    return Counter(r["token_id"] for r in rows)

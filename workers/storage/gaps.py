@@ -1,0 +1,83 @@
+"""The trade listener's queries: feed coverage, unrecovered feed_gaps, market events.
+
+Gap rows themselves are written through the Writer (table `feed_gaps`, key
+(token_id, started_at), merged so a later write fills in ended_at/recovered_at):
+they then share the spool with the trades when PostgreSQL is down. This module
+holds the reads a listener needs at start and on each followed-set refresh, and
+the two small writes that are not rows of a Writer table (migration 0020).
+Every function takes a `workers.storage.db.Database` (one connection, opened after
+the fork) and raises psycopg2 errors to the caller, which retries on its next turn.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Iterable
+
+from .db import Database
+
+
+def followed(db: Database) -> dict[str, tuple[str | None, datetime | None]]:
+    """The followed set: token_id -> (condition_id, since)."""
+    rows = db.query("SELECT token_id, condition_id, since FROM followed_tokens")
+    return {token: (condition, since) for token, condition, since in rows}
+
+
+def coverage(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
+    """token_id -> covered_until, for the tokens that have a coverage mark."""
+    rows = db.query("SELECT token_id, covered_until FROM feed_coverage WHERE token_id = ANY(%s)", (list(tokens),))
+    return dict(rows)
+
+
+def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str) -> int:
+    """Move the coverage mark of tokens forward to `until` (never backwards)."""
+    if not tokens:
+        return 0
+    return db.execute(
+        "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at)"
+        " SELECT t, %s, %s, now() FROM unnest(%s::text[]) AS t"
+        " ON CONFLICT (token_id) DO UPDATE SET covered_until = EXCLUDED.covered_until,"
+        " shard = EXCLUDED.shard, updated_at = now()"
+        " WHERE feed_coverage.covered_until < EXCLUDED.covered_until",
+        (until, shard, tokens),
+    )
+
+
+def last_trades(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
+    """token_id -> time of its newest stored trade (tokens without coverage only)."""
+    rows = db.query(
+        "SELECT t, (SELECT max(ts) FROM trades WHERE token_id = t) FROM unnest(%s::text[]) AS t",
+        (list(tokens),),
+    )
+    return {token: ts for token, ts in rows if ts is not None}
+
+
+def unrecovered(db: Database, tokens: Iterable[str]) -> list[tuple[str, datetime, datetime | None, str | None]]:
+    """Gaps of these tokens not yet recovered: (token_id, started_at, ended_at, reason)."""
+    return db.query(
+        "SELECT token_id, started_at, ended_at, reason FROM feed_gaps"
+        " WHERE recovered_at IS NULL AND token_id = ANY(%s) ORDER BY started_at",
+        (list(tokens),),
+    )
+
+
+def record_market_events(db: Database, events: list[dict], received_at: datetime) -> int:
+    """Store new_market / market_resolved announcements once (first copy wins)."""
+    if not events:
+        return 0
+
+    def insert(cur) -> int:
+        count = 0
+        for e in events:
+            cur.execute(
+                "INSERT INTO market_events (kind, market_id, condition_id, token_ids, winning_token_id,"
+                " winning_outcome, ts, raw, received_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (kind, market_id) DO NOTHING",
+                (e["kind"], e["market_id"], e["condition_id"], json.dumps(e["asset_ids"]),
+                 e.get("winning_token_id"), e.get("winning_outcome"), e["ts"], json.dumps(e["raw"]), received_at),
+            )
+            count += cur.rowcount
+        return count
+
+    return db.run(insert)

@@ -1,0 +1,484 @@
+"""The trade listener: every trade of the followed tokens, exactly once.
+
+TradesCollector holds market-channel WebSockets (workers/feed.py) for the followed
+tokens of its shard, writes each `last_trade_price` as a `trades` row through the
+batching Writer, and records every interval in which a token may have missed trades
+in `feed_gaps`, then backfills it from the Data API (workers/backfill.py).
+
+The exchange replays nothing, sends no sequence numbers and no trade ids, so
+"exactly once" rests on two things:
+
+1. The trade key (token_id, tx_hash, price, size, side, ordinal), where `ordinal`
+   numbers exact repeats inside one transaction: two fills of one transaction can be
+   identical in every field, and both are real.
+
+   Why a backfilled trade meets its live twin, even when a transaction's fills
+   straddle a disconnect or a restart: exact repeats are indistinguishable, so what
+   matters about their ordinals is only *how many* distinct ordinals each source
+   uses, not which fill gets which. Both sources number a group of k identical
+   fills 0..j-1 for the j fills they saw:
+     - live: per process, in arrival order (`Ordinals`, kept ~10 minutes). It sees
+       j <= k of them (some may fall in a gap), so its ordinals are a prefix of 0..k-1.
+       After a restart its counter starts again at 0 and may re-use an ordinal
+       already stored: that row is then dropped by ON CONFLICT although it is a
+       real fill (an under-count), which only the backfill can repair;
+     - backfill: numbers over ALL fills of every transaction it fetched
+       (`number_repeats`), i.e. exactly 0..k-1, provided it fetched the whole
+       transaction. It does: all fills of one transaction carry the same block
+       timestamp in the Data API, a gap window is widened by `backfill_margin` on
+       both sides and fetched in whole seconds for the entire market (not just the
+       gap's token), so a transaction whose fills straddle a gap boundary has its
+       timestamp inside the window and all of its fills come back.
+   The union stored is then exactly 0..k-1: k rows, none twice. A restart is always
+   a gap (see 2), so every place where live numbering restarts is backfilled over
+   whole transactions. What this cannot repair is a Data API that has not indexed a
+   fill yet when the backfill runs: hence `backfill_delay` after the gap's end.
+   Prices/sizes are compared as canonical decimal text on both sides (the parser and
+   the backfill produce the same text for the same value), ts stays out of the key
+   (ms live, s backfilled; the first writer's ts wins).
+
+2. Coverage. A token is covered while it is subscribed on a healthy socket. Every
+   moment outside that is a gap: before its first subscribe (from its coverage mark
+   in `feed_coverage`, else its newest stored trade, else `followed_tokens.since`),
+   a dropped socket, a stall or a withheld PONG (from the socket's last data), a
+   process restart or kill -9 (the coverage mark only advances after a Writer flush
+   made the earlier rows durable), and a token newly followed while running.
+   A gap row is written when it opens (ended_at NULL) and again when it closes and
+   when it is recovered (feed_gaps merges on (token_id, started_at)). Gaps a dead
+   process left unrecovered are picked up by the next process for those tokens.
+
+Sharding: process `shard` of `shards` owns the tokens whose condition id hashes
+(crc32, stable across processes and Python runs, unlike hash()) to it, so both
+tokens of a market, and so one Data API query per market, belong to one process.
+
+`new_market` / `market_resolved` arrive on every socket of every shard; they are
+de-duplicated in memory and stored once in `market_events` (ON CONFLICT DO NOTHING
+makes the copies of other shards no-ops), where the markets and resolutions
+collectors can read them as early hints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from workers.backfill import BackfillQueue, Gap
+from workers.base import OptionError, Worker
+from workers.feed import Feed
+from workers.messages import parse
+from workers.ws import WsOptions
+
+log = logging.getLogger(__name__)
+
+UTC = timezone.utc
+ORDINAL_MEMORY = 600.0  # seconds a transaction's live repeat counts are kept
+
+
+def shard_of(condition_id: str | None, token_id: str, shards: int) -> int:
+    """The shard owning a token: crc32 of its condition id (else of the token id)."""
+    key = (condition_id or token_id).encode()
+    return zlib.crc32(key) % shards if shards > 1 else 0
+
+
+class Ordinals:
+    """Live numbering of exact repeats, in arrival order, for recent transactions.
+
+    Two generations of counters rotated every `memory` seconds: a transaction is
+    remembered between `memory` and twice that, plenty for its fills to arrive.
+    """
+
+    def __init__(self, memory: float = ORDINAL_MEMORY, clock=time.monotonic):
+        self.memory = memory
+        self.clock = clock
+        self.current: dict[tuple, int] = {}
+        self.old: dict[tuple, int] = {}
+        self.rotate_at = clock() + memory
+
+    def assign(self, row: dict) -> None:
+        tx = row["tx_hash"]
+        key = (row["token_id"], tx if tx else row["ts"], row["price"], row["size"], row["side"])
+        seen = self.current.get(key)
+        if seen is None:
+            seen = self.old.pop(key, 0)
+        row["ordinal"] = seen
+        self.current[key] = seen + 1
+
+    def maybe_rotate(self) -> None:
+        now = self.clock()
+        if now >= self.rotate_at:
+            self.old, self.current = self.current, {}
+            self.rotate_at = now + self.memory
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _dt(wall: float) -> datetime:
+    return datetime.fromtimestamp(wall, UTC)
+
+
+class TradesCollector(Worker):
+    """The live trade listener (one process per shard). See the module docstring."""
+
+    OPTIONS = {
+        "interval": (float, 0.0),  # unused: the loop waits on its sockets, not on a timer
+        "assets_per_socket": (int, 400),
+        "ids_per_frame": (int, 100),
+        "connect_stagger": (float, 0.25),
+        "ping_interval": (float, 10.0),
+        "pong_timeout": (float, 10.0),
+        "stall_timeout": (float, 30.0),
+        "connect_timeout": (float, 10.0),
+        "read_timeout": (float, 10.0),
+        "backoff_initial": (float, 0.5),
+        "backoff_max": (float, 30.0),
+        "stable_after": (float, 30.0),
+        "refresh_interval": (float, 10.0),
+        "coverage_interval": (float, 2.0),
+        "backfill_delay": (float, 30.0),
+        "backfill_margin": (float, 5.0),
+        "backfill_rate": (float, 0.4),  # share of the Data API's /trades limit (200 per 10 s per IP)
+        "backfill_page": (int, 1000),
+        "backfill_markets": (int, 20),
+        "initial_lookback": (float, 0.0),
+        "flush_rows": (int, 5000),
+        "flush_age": (float, 0.25),
+    }
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        o = self.options
+        if not 0 <= self.shard < max(1, self.shards):
+            raise OptionError("shard", f"shard {self.shard} outside 0..{self.shards - 1}")
+        for key in ("assets_per_socket", "ids_per_frame", "backfill_page", "backfill_markets"):
+            if o[key] < 1:
+                raise OptionError(key, f"must be >= 1, got {o[key]}")
+        for key in ("ping_interval", "pong_timeout", "stall_timeout", "connect_timeout", "read_timeout"):
+            if o[key] <= 0:
+                raise OptionError(key, f"must be > 0, got {o[key]}")
+        if "ws_url" not in self.urls or "data_url" not in self.urls:
+            raise OptionError("ws_url", "the trade listener needs ws_url and data_url")
+        self.interval = 0.0
+        self.shard_label = f"{self.shard}/{self.shards}"
+        self.ws_options = WsOptions(
+            ping_interval=o["ping_interval"], pong_timeout=o["pong_timeout"], stall_timeout=o["stall_timeout"],
+            connect_timeout=o["connect_timeout"], read_timeout=o["read_timeout"],
+            backoff_initial=o["backoff_initial"], backoff_max=o["backoff_max"], stable_after=o["stable_after"],
+        )
+        # Opened in init_process (after the fork).
+        self.db = self.writer = self.feed = self.backfill = self.http = None
+        # Token state, all in this process's memory.
+        self.tokens: dict[str, str | None] = {}  # followed tokens of this shard -> condition id
+        self.since: dict[str, datetime | None] = {}
+        self.covered: dict[str, datetime] = {}  # coverage marks (DB at start, then ours)
+        self.last_trade: dict[str, datetime] = {}
+        self.prior_gaps: dict[str, list[tuple]] = {}  # unrecovered gaps left by earlier processes
+        self.live_at: dict[str, datetime] = {}  # token -> when its current subscription went live
+        self.seen_live: set[str] = set()  # tokens that went live at least once in this process
+        self.open_gaps: dict[str, Gap] = {}
+        self.ordinals = Ordinals()
+        self.market_seen: set[tuple[str, str]] = set()
+        self.market_pending: list[dict] = []
+        self.stats = Counter()
+        self.skipped = Counter()
+        self._last_log = 0.0
+        self._next_refresh = 0.0
+        self._next_cover = 0.0
+        self._backfill_after = 0.0
+        self._backfill_failures = 0
+
+    # -- process lifecycle ----------------------------------------------------
+    def init_process(self) -> None:
+        """After the fork: database handle, Writer, HTTP client, sockets (connected lazily)."""
+        from workers.http import Client
+        from workers.storage import Writer
+        from workers.storage.db import Database
+
+        o = self.options
+        self.db = Database(self.dsn, application_name=f"collectord:{self.name}")
+        spool = os.path.join(self.data_dir or ".", "spool")
+        self.writer = Writer(self.dsn, spool, name=self.name, max_rows=o["flush_rows"], max_age=o["flush_age"])
+        self.writer.open()
+        # No retries and a short Retry-After cap inside the client: a request must not
+        # hold the socket loop for long; a failed request is retried by our own backoff.
+        self.http = Client(timeout=(3.05, 10), rate=o["backfill_rate"], retries=0, deadline=15.0,
+                           max_retry_after=1.0, apis={self.urls["data_url"]: "data"})
+        self.backfill = BackfillQueue(
+            self.http.get_json, self.urls["data_url"], shard=self.shard_label, delay=o["backfill_delay"],
+            margin=o["backfill_margin"], page=o["backfill_page"], markets_per_request=o["backfill_markets"],
+        )
+        self.feed = Feed(self.urls["ws_url"], self.ws_options, assets_per_socket=o["assets_per_socket"],
+                         ids_per_frame=o["ids_per_frame"], connect_stagger=o["connect_stagger"])
+        os.set_blocking(self._wake_r, False)  # drained after every poll, readable or not
+        self.feed.set_wake_fd(self._wake_r)
+
+    def shutdown(self) -> None:
+        """Close sockets, flush rows, advance coverage for what was live, close the DB."""
+        if self.feed is not None:
+            self.feed.close()
+        if self.writer is not None:
+            try:
+                self._cover(final=True)
+            except Exception as err:  # the DB may be down: rows are spooled by close()
+                log.warning("%s: final coverage not recorded: %s", self.name, err)
+            self.writer.close()
+        if self.db is not None:
+            self.db.close()
+
+    # -- the loop -------------------------------------------------------------
+    def step(self) -> None:
+        """Run the event loop for up to half a second (the base loop calls it again).
+
+        Each turn, in order: heartbeat -> followed-set refresh when due -> socket
+        deadlines and connects -> wait on the sockets until the nearest deadline ->
+        parse and queue what arrived -> coverage/gap bookkeeping -> Writer flush when
+        due -> at most one backfill request.
+        """
+        end = time.monotonic() + 0.5
+        while not self.stopping:
+            self.beat()
+            now = time.monotonic()
+            if now >= self._next_refresh:
+                self._next_refresh = now + self.options["refresh_interval"]
+                self._refresh()
+            self.feed.tick()
+            self._apply_feed_events()
+            busy = self.backfill.pending(time.time()) and now >= self._backfill_after
+            timeout = 0.0 if busy else min(self.feed.next_deadline(), end, self._next_cover) - time.monotonic()
+            timeout = min(timeout, self.options["flush_age"])
+            for conn, texts in self.feed.poll(timeout):
+                self._handle(conn, texts)
+            self._drain_wake()
+            self._apply_feed_events()
+            self.ordinals.maybe_rotate()
+            self.writer.maybe_flush()
+            if time.monotonic() >= self._next_cover:
+                self._next_cover = time.monotonic() + self.options["coverage_interval"]
+                self._cover()
+            if busy:
+                self._backfill_step()
+            if time.monotonic() >= end:
+                return
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 64)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _handle(self, conn, texts: list[str]) -> None:
+        """Parse frames; queue trades (with ordinal and received_at); note pongs and events."""
+        received_at = _now()
+        rows = []
+        for text in texts:
+            out = parse(text)
+            if out.pong:
+                conn.got_pong()
+                continue
+            for row in out.trades:
+                self.ordinals.assign(row)
+                row["received_at"] = received_at
+                rows.append(row)
+            if out.markets:
+                for event in out.markets:
+                    key = (event["kind"], event["market_id"])
+                    if key not in self.market_seen:
+                        self.market_seen.add(key)
+                        self.market_pending.append(event)
+                self.stats["market_events"] += len(out.markets)
+            if out.skipped or out.unknown_fields:
+                self.skipped.update(out.skipped)
+                self.skipped.update({"field:" + k: v for k, v in out.unknown_fields.items()})
+                if out.errors and time.monotonic() - self._last_log > 10:
+                    self._last_log = time.monotonic()
+                    log.warning("%s: skipped market-channel data: %s", self.name, "; ".join(out.errors))
+            self.stats["messages"] += 1
+        if rows:
+            self.writer.add("trades", rows)
+            self.stats["trades_received"] += len(rows)
+
+    # -- followed set ---------------------------------------------------------
+    def _refresh(self) -> None:
+        """Read the followed set, keep this shard's part, apply it to the sockets."""
+        from workers.storage import gaps as store
+
+        try:
+            followed = store.followed(self.db)
+        except Exception as err:
+            self.failure(f"followed set: {type(err).__name__}: {err}")
+            log.warning("%s: cannot read the followed set: %s", self.name, err)
+            return
+        mine = {t: c for t, (c, _) in followed.items() if shard_of(c, t, self.shards) == self.shard}
+        added = [t for t in mine if t not in self.tokens]
+        try:
+            if added:
+                self._load(added, {t: followed[t][1] for t in added})
+        except Exception as err:
+            self.failure(f"token state: {type(err).__name__}: {err}")
+            log.warning("%s: cannot read coverage for new tokens: %s", self.name, err)
+            return
+        self.tokens = mine
+        _, removed = self.feed.set_tokens(mine)
+        now = _now()
+        for token in removed:
+            self.live_at.pop(token, None)
+            self.seen_live.discard(token)  # followed again later: a fresh first gap from its coverage
+            gap = self.open_gaps.pop(token, None)
+            if gap is not None:
+                gap.ended_at = now
+                self._close_gap(gap)
+        self._apply_feed_events()
+
+    def _load(self, tokens: list[str], since: dict) -> None:
+        """What the database knows about tokens new to this process."""
+        from workers.storage import gaps as store
+
+        self.since.update(since)
+        fresh = [t for t in tokens if t not in self.covered]
+        cover = store.coverage(self.db, fresh)
+        self.covered.update(cover)
+        without = [t for t in fresh if t not in cover]
+        if without:
+            self.last_trade.update(store.last_trades(self.db, without))
+        for token, started, ended, reason in store.unrecovered(self.db, tokens):
+            if token not in self.seen_live:
+                self.prior_gaps.setdefault(token, []).append((started, ended, reason))
+
+    # -- coverage and gaps ------------------------------------------------------
+    def _apply_feed_events(self) -> None:
+        events, self.feed.events = self.feed.events, []
+        for event in events:
+            if event[0] == "live":
+                _, conn, tokens, at = event
+                self._went_live(tokens, _dt(at))
+            elif event[0] == "down":
+                _, conn, tokens, since, reason = event
+                self._went_down(tokens, _dt(since), reason)
+
+    def _went_live(self, tokens: list[str], at: datetime) -> None:
+        for token in tokens:
+            if token not in self.tokens:
+                continue
+            gap = self.open_gaps.pop(token, None)
+            if gap is not None:
+                gap.ended_at = at
+                self._close_gap(gap)
+            elif token not in self.seen_live:
+                self._first_gap(token, at)
+            self.live_at[token] = at
+            self.seen_live.add(token)
+
+    def _first_gap(self, token: str, at: datetime) -> None:
+        """The gap before this process's first subscription of a token."""
+        condition = self.tokens.get(token)
+        for started, ended, reason in self.prior_gaps.pop(token, []):
+            self._close_gap(Gap(token, condition, started, ended or at, reason or "restart"))
+        if token in self.covered:
+            start, reason = self.covered[token], "restart"
+        elif token in self.last_trade:
+            start, reason = self.last_trade[token], "start"
+        elif self.since.get(token) is not None:
+            start, reason = self.since[token], "start"
+        else:
+            start, reason = at - timedelta(seconds=self.options["initial_lookback"]), "start"
+        if start < at:
+            self._close_gap(Gap(token, condition, start, at, reason))
+
+    def _went_down(self, tokens: list[str], since: datetime, reason: str) -> None:
+        why = "stall" if reason.startswith("stalled") else "pong" if "PONG" in reason else "disconnect"
+        rows = []
+        for token in tokens:
+            live = self.live_at.pop(token, None)
+            if live is None or token in self.open_gaps:
+                continue
+            gap = Gap(token, self.tokens.get(token), max(since, live), None, why)
+            self.open_gaps[token] = gap
+            rows.append(gap.row(self.shard_label))
+        if rows:
+            self.writer.add("feed_gaps", rows)
+            self.stats["gaps_opened"] += len(rows)
+
+    def _close_gap(self, gap: Gap) -> None:
+        self.writer.add("feed_gaps", [gap.row(self.shard_label)])
+        self.backfill.add(gap)
+        self.stats["gaps_closed"] += 1
+
+    def _cover(self, final: bool = False) -> None:
+        """Flush, then move the coverage mark of every live token to the flush time.
+
+        Also stores pending market announcements. Rows received before the mark are
+        durable when it moves (Writer.flush() commits or spools them).
+        """
+        from workers.storage import gaps as store
+
+        mark = _now()
+        self.writer.flush()
+        # A socket vouches for its tokens only up to its last data: a stall that is
+        # not yet detected must not be covered (a kill -9 now would lose its gap row).
+        by_conn: dict[int, list[str]] = {}
+        for token, at in self.live_at.items():
+            if at <= mark and token in self.tokens and token in self.feed.where:
+                by_conn.setdefault(self.feed.where[token], []).append(token)
+        try:
+            for index, tokens in by_conn.items():
+                until = min(mark, _dt(self.feed.conns[index].last_rx_wall))
+                store.set_coverage(self.db, tokens, until, self.shard_label)
+                for token in tokens:
+                    self.covered[token] = until
+            if self.market_pending:
+                pending, self.market_pending = self.market_pending, []
+                try:
+                    self.stats["market_events_stored"] += store.record_market_events(self.db, pending, mark)
+                except Exception:
+                    self.market_pending = (pending + self.market_pending)[-10000:]
+                    raise
+        except Exception as err:
+            self.failure(f"coverage: {type(err).__name__}: {err}")
+            log.warning("%s: coverage not recorded: %s", self.name, err)
+        if len(self.market_seen) > 200_000:
+            self.market_seen.clear()
+
+    def _backfill_step(self) -> None:
+        if time.monotonic() < self._backfill_after:
+            return
+        try:
+            done = self.backfill.step(set(self.tokens))
+        except Exception as err:
+            self._backfill_failures += 1
+            delay = min(30.0, 0.5 * 2 ** min(self._backfill_failures, 8))
+            self._backfill_after = time.monotonic() + delay
+            self.failure(f"backfill: {type(err).__name__}: {err}")
+            log.warning("%s: backfill request failed (retry in %.1fs): %s", self.name, delay, err)
+            return
+        self._backfill_failures = 0
+        if done is None:
+            return
+        if done.trades:
+            self.writer.add("trades", done.trades)
+        self.writer.add("feed_gaps", done.gaps)
+        self.stats["trades_backfilled"] += len(done.trades)
+        self.stats["gaps_recovered"] += len(done.gaps)
+
+    # -- status -----------------------------------------------------------------
+    def status(self) -> dict:
+        counters = dict(self.counters)
+        if self.writer is not None:
+            wstats = self.writer.stats()
+            counters["rows_written"] = wstats.get("rows_written", 0)
+            counters["spool_bytes"] = wstats.get("spool_bytes", 0)
+            counters["db_ok"] = wstats.get("db_ok")
+        counters.update(self.stats)
+        counters["tokens"] = len(self.tokens)
+        counters["gaps_open"] = len(self.open_gaps) + (len(self.backfill) if self.backfill is not None else 0)
+        counters["skipped"] = sum(self.skipped.values())
+        if self.backfill is not None:
+            counters["backfill_requests"] = self.backfill.requests
+        if self.feed is not None:
+            counters.update(self.feed.status())
+        return counters

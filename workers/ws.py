@@ -1,0 +1,275 @@
+"""One market-channel WebSocket, driven by the caller's loop (no threads, no callbacks).
+
+websocket-client's `create_connection` + frame reads in our own loop: its
+`run_forever`/`on_message` machinery swallows exceptions and runs its own timers
+(DESIGN §2). A `Connection` is a small state machine on an injected monotonic clock:
+
+    CLOSED --connect()--> OPEN --fail(reason)--> CLOSED (next attempt after a jittered backoff)
+
+While OPEN the owner calls, in any order:
+  - `read()` when the socket is readable (the owner multiplexes many Connections with
+    `selectors` on `fileno()`); it returns every complete text message already buffered;
+  - `tick(now)` at least every second: sends the text `PING` every `ping_interval`,
+    fails the connection when the `PONG` is late (`pong_timeout`) or when no data at all
+    arrived for `stall_timeout` (a socket can stay open and silent), and resets the
+    backoff once the connection has been healthy for `stable_after`.
+Every blocking call has a timeout: the handshake `connect_timeout`, a read that has
+started a frame `read_timeout`.
+
+Why `skip_utf8_validation=True`: websocket-client's pure-Python UTF-8 check caps one
+socket near 15k messages/s (DESIGN §7); bytes.decode() and json.loads reject bad text.
+Why our own read buffer: the library asks the socket for exactly the bytes it needs
+(two syscalls per frame at least); reading up to 256 KiB at a time and serving frames
+from memory cuts that to one syscall per many frames. Buffered bytes are invisible to
+select(), so read() drains the buffer completely before it returns.
+websocket-client has no maximum message size of its own, so the initial dump (the
+largest frame, one `book` per asset) is never refused; `max_message` only guards
+memory against a corrupt length header.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import websocket
+from websocket import ABNF, WebSocket
+
+log = logging.getLogger(__name__)
+
+CLOSED, OPEN = "CLOSED", "OPEN"
+READ_CHUNK = 256 * 1024
+
+
+class Backoff:
+    """Jittered exponential backoff: initial doubling to cap; never gives up."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0, rng: Callable[[], float] = random.random):
+        self.initial, self.cap, self.rng = initial, cap, rng
+        self.attempt = 0
+
+    def next(self) -> float:
+        """The next delay: uniform in [d/2, d] where d = initial * 2**attempt, capped."""
+        delay = min(self.cap, self.initial * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return delay * (0.5 + 0.5 * self.rng())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class BufferedWebSocket(WebSocket):
+    """WebSocket whose frame reader is served from a 256 KiB read buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+
+    def buffered(self) -> bool:
+        """True when bytes are waiting in memory (ours or TLS's), invisible to select()."""
+        if self._rpos < len(self._rbuf):
+            return True
+        sock = self.sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def _recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            if self.sock is None:
+                raise websocket.WebSocketConnectionClosedException("Connection is closed")
+            # The library's recv() maps timeouts and EOF to its exceptions.
+            self._rbuf = super()._recv(READ_CHUNK)
+            self._rpos = 0
+        start = self._rpos
+        self._rpos = min(len(self._rbuf), start + bufsize)
+        return self._rbuf[start:self._rpos]
+
+
+@dataclass(frozen=True)
+class WsOptions:
+    """Timing and size options of one connection (seconds; scaled down in tests)."""
+
+    ping_interval: float = 10.0
+    pong_timeout: float = 10.0
+    stall_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    stable_after: float = 30.0
+    max_message: int = 256 * 1024 * 1024
+
+
+class ConnectionFailed(Exception):
+    """The connection broke (reason in str())."""
+
+
+class Connection:
+    """One market-channel socket: connect, read, heartbeat, fail, back off."""
+
+    def __init__(self, url: str, options: WsOptions = WsOptions(), *, index: int = 0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 connector: Callable[..., WebSocket] = websocket.create_connection):
+        self.url = url
+        self.options = options
+        self.index = index
+        self.clock, self.wall = clock, wall
+        self.connector = connector
+        self.backoff = Backoff(options.backoff_initial, options.backoff_max)
+        self.ws: BufferedWebSocket | None = None
+        self.state = CLOSED
+        self.next_attempt = 0.0  # monotonic time of the next connect attempt
+        self.opened_at = 0.0
+        self.last_rx = 0.0  # monotonic time of the last byte-carrying frame (any kind)
+        self.last_rx_wall = 0.0  # the same on the wall clock (gap starts are wall times)
+        self.next_ping = 0.0
+        self.pong_due: float | None = None
+        self.reconnects = 0
+        self.messages = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+    def fileno(self) -> int:
+        return self.ws.sock.fileno() if self.ws is not None and self.ws.sock is not None else -1
+
+    def connect(self) -> None:
+        """CLOSED -> OPEN: handshake within connect_timeout. Raises ConnectionFailed (and backs off)."""
+        now = self.clock()
+        try:
+            ws = self.connector(
+                self.url, timeout=self.options.connect_timeout, class_=BufferedWebSocket,
+                skip_utf8_validation=True, enable_multithread=False,
+            )
+            ws.settimeout(self.options.read_timeout)
+        except Exception as err:  # refused, reset, 429 on the upgrade, timeout...
+            self._closed(f"connect: {type(err).__name__}: {err}", now)
+            raise ConnectionFailed(self.last_error) from None
+        self.ws = ws
+        self.state = OPEN  # CLOSED -> OPEN
+        self.opened_at = self.last_rx = now
+        self.last_rx_wall = self.wall()
+        self.next_ping = now + self.options.ping_interval
+        self.pong_due = None
+
+    def fail(self, reason: str) -> None:
+        """OPEN -> CLOSED: drop the socket at once (no close handshake: it may be hung)."""
+        if self.state == OPEN:
+            self.reconnects += 1
+        self._closed(reason, self.clock())
+
+    def _closed(self, reason: str, now: float) -> None:
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            try:
+                ws.shutdown()
+            except Exception:
+                pass
+        self.state = CLOSED  # OPEN -> CLOSED
+        self.last_error = reason[:200]
+        self.pong_due = None
+        self.next_attempt = now + self.backoff.next()
+
+    def close(self) -> None:
+        """Polite close for shutdown (short timeout), then CLOSED."""
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            try:
+                ws.close(timeout=0.5)
+            except Exception:
+                try:
+                    ws.shutdown()
+                except Exception:
+                    pass
+        self.state = CLOSED
+
+    # -- I/O ----------------------------------------------------------------
+    def send(self, text: str) -> None:
+        """Send one text frame. Raises ConnectionFailed (after failing the connection)."""
+        if self.ws is None:
+            raise ConnectionFailed("not connected")
+        try:
+            self.ws.send(text)
+        except Exception as err:
+            self.fail(f"send: {type(err).__name__}: {err}")
+            raise ConnectionFailed(self.last_error) from None
+
+    def read(self) -> list[str]:
+        """Every complete text message available now (at least one frame is read).
+
+        Protocol pings are answered by the library; protocol pongs and our PONG text
+        count as traffic. Raises ConnectionFailed on close, EOF, timeout or a bad frame.
+        """
+        ws = self.ws
+        if ws is None:
+            raise ConnectionFailed("not connected")
+        out: list[str] = []
+        try:
+            while True:
+                opcode, frame = ws.recv_data_frame(True)
+                if opcode == ABNF.OPCODE_TEXT or opcode == ABNF.OPCODE_BINARY:
+                    data = frame.data if hasattr(frame, "data") else frame
+                    if len(data) > self.options.max_message:
+                        raise ConnectionFailed(f"message of {len(data)} bytes over max_message")
+                    out.append(data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
+                elif opcode == ABNF.OPCODE_CLOSE:
+                    raise ConnectionFailed("closed by server")
+                if not ws.buffered():
+                    break
+        except ConnectionFailed as err:
+            self._note_rx(out)
+            self.fail(str(err))
+            raise
+        except (websocket.WebSocketException, OSError, ValueError) as err:
+            self._note_rx(out)
+            self.fail(f"read: {type(err).__name__}: {err}")
+            raise ConnectionFailed(self.last_error) from None
+        self._note_rx(out)
+        return out
+
+    def _note_rx(self, out: list[str]) -> None:
+        self.last_rx = self.clock()
+        self.last_rx_wall = self.wall()
+        self.messages += len(out)
+
+    def got_pong(self) -> None:
+        self.pong_due = None
+
+    def tick(self, now: float | None = None) -> None:
+        """Heartbeat and deadlines while OPEN. Raises ConnectionFailed when one is missed."""
+        if self.state != OPEN:
+            return
+        now = self.clock() if now is None else now
+        opts = self.options
+        if self.pong_due is not None and now > self.pong_due:
+            self.fail(f"no PONG within {opts.pong_timeout:g}s")
+            raise ConnectionFailed(self.last_error)
+        if now - self.last_rx > opts.stall_timeout:
+            self.fail(f"stalled: no data for {opts.stall_timeout:g}s")
+            raise ConnectionFailed(self.last_error)
+        if now >= self.next_ping:
+            self.next_ping = now + opts.ping_interval
+            if self.pong_due is None:
+                self.pong_due = now + opts.pong_timeout
+            self.send("PING")
+        if self.backoff.attempt and now - self.opened_at >= opts.stable_after:
+            self.backoff.reset()
+
+    def status(self, now: float | None = None) -> dict:
+        now = self.clock() if now is None else now
+        return {
+            "connected": self.state == OPEN,
+            "last_message_age": round(now - self.last_rx, 1) if self.last_rx else None,
+            "reconnects": self.reconnects,
+        }
+
+
+def is_timeout(err: BaseException) -> bool:
+    return isinstance(err, (socket.timeout, websocket.WebSocketTimeoutException)) or (
+        isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+    )
