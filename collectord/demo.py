@@ -57,11 +57,11 @@ GRACEFUL = 10  # graceful_timeout in the demo config
 # Per-collector settings that make data appear within seconds; each is written
 # only if the collector class has that option (a collector's OPTIONS decide).
 DEMO_OPTIONS: dict[str, dict[str, str]] = {
-    "markets": {"interval": "5", "full_scan_interval": "60", "followed_interval": "5"},
+    "markets": {"interval": "5"},
     "prices": {"interval": "2"},
     "orderbooks": {"interval": "3"},
     "resolutions": {"interval": "5"},
-    "trades": {"refresh_interval": "2", "coverage_interval": "2"},
+    "trades": {"refresh_interval": "2", "backfill_delay": "5"},
 }
 
 
