@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not send `book` refreshes after trades")
     p.add_argument("--multi-fill", type=_positive(float), default=d.multi_fill,
                    help="share of transactions with several fills")
+    p.add_argument("--ts-jitter-ms", type=_positive(int), default=0,
+                   help="trade timestamps reordered by up to this many ms (real feed: ~100)")
     p.add_argument("--ping-timeout", type=_positive(float), default=d.ping_timeout,
                    help="seconds without a text PING before a WebSocket is dropped")
     p.add_argument("--epoch-ms", type=int, default=None,
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_rate=args.resolve_rate, resolve_delay=args.resolve_delay, void_rate=args.void_rate,
         new_market_rate=args.new_market_rate, clob_delay=args.clob_delay, book_rate=args.book_rate,
         trade_book_updates=args.trade_book_updates, multi_fill=args.multi_fill,
-        ping_timeout=args.ping_timeout, epoch_ms=args.epoch_ms, batch_max=args.batch_max,
+        ping_timeout=args.ping_timeout, ts_jitter_ms=args.ts_jitter_ms, epoch_ms=args.epoch_ms, batch_max=args.batch_max,
         clob_page_size=args.clob_page_size, tick=args.tick,
         max_frame_ids=args.max_frame_ids, max_dump_assets=args.max_dump_assets,
     )

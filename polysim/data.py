@@ -101,27 +101,39 @@ class Data:
         hi = None if end is None else end * 1000 + 999
         need = offset + limit
         picked: list[int] = []
-        # Newest first across the sources: ledger indices are in publish (= time) order.
-        merged = sorted((i for src in sources for i in _tail_filter(src, led, lo, hi, side_code, need)),
-                        reverse=True)
+        # Newest first: ledger indices are in publish order, which is time order up to the
+        # timestamp jitter; sort the candidates by (timestamp, index) to be exact.
+        ts = led.ts
+        merged = sorted((i for src in sources for i in _tail_filter(src, led, lo, hi, side_code, need,
+                                                                          self.x.opts.ts_jitter_ms)),
+                        key=lambda i: (ts[i], i), reverse=True)
         picked = merged[offset:offset + limit]
         return 200, [self.row(i) for i in picked]
 
 
-def _tail_filter(src, led, lo, hi, side_code, need: int):
-    """Up to `need` newest indices of one source inside [lo, hi] with the wanted side."""
+def _tail_filter(src, led, lo, hi, side_code, need: int, jitter: int):
+    """The `need` newest indices (by timestamp) of one source inside [lo, hi] with the wanted side.
+
+    Sources are in publish order, which is timestamp order up to `jitter` ms, so after
+    `need` hits the scan goes on while a later-published trade could still be newer.
+    """
     out = []
     ts, side = led.ts, led.side
+    stop_below = None
     for j in range(len(src) - 1, -1, -1):
         i = src[j]
         t = ts[i]
+        if stop_below is not None and t < stop_below:
+            break
         if hi is not None and t > hi:
             continue
         if lo is not None and t < lo:
-            break
+            if t < lo - jitter:
+                break  # publish order is time order up to the jitter: nothing older can match
+            continue
         if side_code is not None and side[i] != side_code:
             continue
         out.append(i)
-        if len(out) >= need:
-            break
+        if len(out) == need:
+            stop_below = min(ts[k] for k in out) - jitter
     return out

@@ -226,6 +226,8 @@ class Exchange:
         self.txno += 1
         txno = self.txno
         ts = self.now_ms
+        if self.opts.ts_jitter_ms:
+            ts -= rng.randint(0, self.opts.ts_jitter_ms)
         tok = m.tokens[token]
         wants = self.sink.wants(tok)
         if wants:

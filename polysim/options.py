@@ -21,6 +21,8 @@ class Options:
     book_rate: float = 10.0        # random book level changes per second across the exchange
     trade_book_updates: bool = True  # send a `book` refresh after trades (coalesced per tick)
     multi_fill: float = 0.1        # share of transactions with 2-4 fills (some exact repeats)
+    ts_jitter_ms: int = 0          # trade timestamps up to this much earlier than publish order
+                                   # implies (the real feed reorders by ~100 ms)
     ping_timeout: float = 30.0     # drop a WS connection that sent no text PING for this long
     epoch_ms: int | None = None    # simulated time 0 as epoch ms (None: wall clock at start)
     tick: float = 0.01             # engine period in seconds

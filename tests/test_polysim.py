@@ -261,3 +261,35 @@ def test_ws_subscribe_dump_trades_ping_unsubscribe(polysim):
     dump = json.loads(ws.recv())
     assert isinstance(dump, list) and [b["asset_id"] for b in dump] == tokens[:1]
     ws.close()
+
+
+def test_data_api_windows_paging_and_jitter(polysim):
+    sim = polysim(markets=3, seed=8, trade_rate=300.0, ts_jitter_ms=100)
+    first = int(wait_for(lambda: sim.ledger())[0]["timestamp"]) // 1000
+    lo, hi = first + 1, first + 2
+    # The window is closed once a trade 2 s past its end is published (jitter is 0.1 s).
+    wait_for(lambda: int(sim.ledger()[-1]["timestamp"]) // 1000 > hi + 1)
+    ledger = sim.ledger()
+    stamps = [int(t["timestamp"]) for t in ledger]
+    assert stamps != sorted(stamps), "timestamps reordered like the real feed"
+    cid = ledger[0]["market"]
+    mine = [t for t in ledger if t["market"] == cid]
+    want = sorted(t["transaction_hash"] + t["size"] for t in mine if lo <= int(t["timestamp"]) // 1000 <= hi)
+    rows, offset = [], 0
+    while True:
+        _, page = get(sim.data_url + f"/trades?market={cid}&start={lo}&end={hi}&limit=50&offset={offset}")
+        rows += page
+        if not page:
+            break
+        offset += len(page)
+    got = sorted(r["transactionHash"] + (str(r["size"]).rstrip("0").rstrip(".") if isinstance(r["size"], float)
+                                         else str(r["size"])) for r in rows)
+    assert got == want and want
+    assert all(lo <= r["timestamp"] <= hi for r in rows)
+    _, newest = get(sim.data_url + f"/trades?market={cid}&limit=20")
+    ts = [r["timestamp"] for r in newest]
+    assert ts == sorted(ts, reverse=True)
+    _, side = get(sim.data_url + f"/trades?market={cid}&side=SELL&limit=100")
+    assert side and {r["side"] for r in side} == {"SELL"}
+    page = sim.get("/_sim/ledger?since=10&limit=5")
+    assert [t["index"] for t in page["trades"]] == [10, 11, 12, 13, 14] and page["next"] == 15
