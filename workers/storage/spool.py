@@ -94,6 +94,9 @@ class Spool:
         # In memory, so the collector's hot loop never lists the directory:
         # segment path -> size in bytes, oldest first (only this process writes here).
         self._segments: dict[Path, int] = {}
+        # Totals kept as plain ints so another thread can read them (stats) safely.
+        self.bytes = 0
+        self.count = 0
         self.corruptions: list[Corruption] = []
 
     # -- lifecycle ------------------------------------------------------------
@@ -109,6 +112,8 @@ class Spool:
         self._lock_fd = fd
         existing = sorted(p for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
         self._segments = {p: p.stat().st_size for p in existing}
+        self.bytes = sum(self._segments.values())
+        self.count = len(self._segments)
         self._next_seq = (int(existing[-1].stem) + 1) if existing else 1
 
     def close(self) -> None:
@@ -133,6 +138,7 @@ class Spool:
             os.fsync(self._active_fd)
         self._active_size += len(data)
         self._segments[self._active] += len(data)
+        self.bytes += len(data)
         return len(data)
 
     def _open_segment(self) -> None:
@@ -142,6 +148,7 @@ class Spool:
         self._active = path
         self._active_size = 0
         self._segments[path] = 0
+        self.count += 1
         if self.fsync:
             self._fsync_dir()
 
@@ -178,7 +185,7 @@ class Spool:
 
     def size(self) -> tuple[int, int]:
         """(bytes, segment count) waiting in the spool."""
-        return sum(self._segments.values()), len(self._segments)
+        return self.bytes, self.count
 
     def read(self, segment: Path, offset: int = 0) -> Iterator[tuple[Record, int]]:
         """Yield (record, offset after it) from offset on.
@@ -238,7 +245,10 @@ class Spool:
         if segment == self._active:
             self.seal()
         segment.unlink(missing_ok=True)
-        self._segments.pop(segment, None)
+        size = self._segments.pop(segment, None)
+        if size is not None:
+            self.bytes -= size
+            self.count -= 1
         if self.fsync:
             self._fsync_dir()
 

@@ -3,35 +3,43 @@
 Life cycle (construct before the fork; everything else in the child):
 
     w = Writer(dsn, spool_dir, name="trades.0")     # stores values only
-    w.open()                                         # spool lock; first connect attempt
+    w.open()                                         # spool lock, flusher thread
     w.add("trades", [{"token_id": ..., "price": Decimal("0.48"), ...}, ...])
-    w.maybe_flush()                                  # from the loop: flushes when due
+    w.maybe_flush()                                  # from the loop: hands a due batch over
     w.close()                                        # SIGTERM/shutdown: DB, or spool
 
 How a batch travels, in order:
   1. add() converts each row (rows.py) to the text PostgreSQL receives; a bad
-     value raises here, at the caller.
-  2. flush (size >= max_rows, or oldest row older than max_age) takes every
-     table's rows as one batch; DO UPDATE tables keep the last row per key.
-  3. If the spool holds anything, or the database is known down and not due
-     for a retry, the batch is appended to the spool (order is kept: nothing
+     value raises here, at the caller, and none of that call's rows are kept.
+  2. When due (>= max_rows buffered, or the oldest row older than max_age),
+     maybe_flush() takes every table's rows as one batch (DO UPDATE tables
+     keep the last row per key) and hands it to the flusher thread
+     (background=True, the default; at most max_pending batches wait, so a
+     slow database slows add() instead of growing memory), or delivers it
+     itself (background=False). flush() does the same and waits until the
+     batch is delivered.
+  3. Delivery: if the spool holds anything, or the database is known down and
+     not yet due for a retry, the batch is appended to the spool (nothing
      overtakes spooled rows). Otherwise it is written in ONE transaction:
      per table, COPY into a temp staging table, INSERT ... SELECT ... ON CONFLICT.
-  4. Connection trouble -> the batch goes to the spool, retries back off
-     (retry_initial doubling to retry_max). A data error (bad value, constraint)
-     -> each table retried alone, then the failing table row by row under
-     savepoints; rows the database refuses go to the spool's rejected.jsonl
-     with the error, logged. Nothing is dropped silently, nothing poisons the spool.
-  5. While the spool is not empty and the database answers, each flush /
-     maybe_flush replays spooled records in order for at most replay_budget
-     seconds, deleting replayed segments; when it is empty, writes go direct again.
+  4. Connection trouble -> the batch goes to the spool and retries back off
+     (retry_initial doubling to retry_max). A data error (bad value,
+     constraint) -> each table retried alone, then the failing table row by
+     row under savepoints; rows the database refuses go to the spool's
+     rejected.jsonl with the error, and are logged. Nothing is dropped
+     silently, nothing poisons the spool.
+  5. While the spool is not empty and the database answers, spooled records
+     replay in order (replay_budget seconds at a time), replayed segments are
+     deleted; when the spool is empty, writes go direct again.
 
-Not thread-safe across threads without the internal lock: add/flush/close
-take it, so a second thread may add rows.
+The collector's loop never waits on the database in background mode, except
+for backpressure; every database call is bounded by connect_timeout,
+statement_timeout and TCP keepalives (db.py).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -46,8 +54,8 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from .db import _inherited, connect
-from .rows import CONVERTERS, copy_text
-from .spool import SEGMENT_BYTES, Record, Spool
+from .rows import CONVERTERS, copy_text, row_converter
+from .spool import Record, Spool
 from .tables import TABLES, Table
 
 log = logging.getLogger(__name__)
@@ -77,6 +85,8 @@ class Writer:
         name: str = "writer",
         max_rows: int = MAX_ROWS,
         max_age: float = MAX_AGE,
+        background: bool = True,
+        max_pending: int = 2,
         method: str = "copy",
         statement_timeout: float = 30.0,
         connect_timeout: int = 3,
@@ -97,6 +107,8 @@ class Writer:
         self.spool_path = Path(spool_dir) / name
         self.max_rows = max(1, int(max_rows))
         self.max_age = float(max_age)
+        self.background = background
+        self.max_pending = max(1, int(max_pending))
         self.method = method
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
@@ -108,10 +120,19 @@ class Writer:
         self.fsync = fsync
         self.clock = clock
 
-        self._lock = threading.RLock()
+        # Two locks: _buf guards the buffers (the collector's side, held briefly);
+        # _io guards the connection and the spool (held while a batch is delivered).
+        self._buf = threading.Lock()
+        self._io = threading.RLock()
+        self._cv = threading.Condition(threading.Lock())  # the hand-over queue
         self._buffers: dict[str, list[list[str | None]]] = {t: [] for t in TABLES}
         self._count = 0
         self._oldest: float | None = None
+        self._queue: collections.deque[tuple[int, list[Record]]] = collections.deque()
+        self._submitted = 0
+        self._delivered = 0
+        self._thread: threading.Thread | None = None
+        self._stop_thread = False
         self._held: list[Record] = []  # batches neither written nor spooled (spool failed)
         self._conn: psycopg2.extensions.connection | None = None
         self._conn_pid = 0
@@ -122,12 +143,11 @@ class Writer:
         self.spool: Spool | None = None
         self._opened = False
         self._closed = False
-        self._converters = {
-            t.name: [(c, CONVERTERS[kind]) for c, kind in t.columns] for t in TABLES.values()
-        }
+        self._converters = {t.name: [(c, CONVERTERS[kind]) for c, kind in t.columns] for t in TABLES.values()}
+        self._row = {t.name: row_converter(t.columns) for t in TABLES.values()}
         self._allowed = {t.name: frozenset(t.column_names) for t in TABLES.values()}
         self.counters: dict[str, Any] = {
-            "rows_written": 0,  # rows committed to PostgreSQL (new or already there)
+            "rows_written": 0,  # rows committed to PostgreSQL (new, changed, or already there)
             "rows_inserted": 0,  # of those, rows that inserted or changed a row
             "batches": 0,
             "rows_spooled": 0,
@@ -141,35 +161,49 @@ class Writer:
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> "Writer":
-        """After the fork: lock and scan the spool, try to connect once (bounded)."""
-        with self._lock:
+        """After the fork: lock and scan the spool, try to connect once, start the flusher."""
+        with self._io:
             if self._opened:
                 return self
             self.spool = Spool(self.spool_path, segment_bytes=self.segment_bytes, fsync=self.fsync)
             self.spool.open()
             self._opened = True
-            pending = self.spool.segments()
-            if pending:
-                log.warning("%s: %d spool segment(s) from an earlier run will replay", self.name, len(pending))
+            if self.spool.pending():
+                log.warning("%s: %d spool segment(s) from an earlier run will replay", self.name, self.spool.count)
             self._db_usable()
-            return self
+        if self.background:
+            self._thread = threading.Thread(target=self._flusher, name=f"writer-{self.name}", daemon=True)
+            self._thread.start()
+        return self
 
     def close(self) -> None:
         """Flush everything buffered to the database, or to the spool if it is unreachable.
 
-        Then, if the spool holds rows and the database answers, replay for up
-        to close_timeout seconds (what is left replays on the next start).
+        In order: hand the last rows over, let the flusher deliver what it
+        holds and stop it; make one more connection attempt (whatever the
+        backoff) and deliver what is left; if the spool holds rows and the
+        database answers, replay for up to close_timeout seconds (the rest
+        replays at the next start); close the connection and the spool.
         """
-        with self._lock:
-            if self._closed:
-                return
-            if not self._opened:
-                self.open()
-            try:
-                self._next_try = 0.0  # one more connection attempt now, whatever the backoff
-                self._flush_locked(replay_budget=self.close_timeout)
-            finally:
-                self._closed = True
+        if self._closed:
+            return
+        if not self._opened:
+            self.open()
+        with self._buf:
+            batch = self._take()
+            self._closed = True
+        try:
+            if self._thread is not None:
+                with self._cv:
+                    self._stop_thread = True
+                    self._cv.notify_all()
+                self._thread.join()
+                self._thread = None
+            with self._io:
+                self._next_try = 0.0
+                self._deliver_and_replay(batch, replay_budget=self.close_timeout)
+        finally:
+            with self._io:
                 self._drop_connection()
                 if self.spool is not None:
                     self.spool.close()
@@ -186,84 +220,88 @@ class Writer:
 
         Raises KeyError for an unknown table, ValueError for an unknown column or
         a value of the wrong type (then none of these rows are buffered).
-        Flushes when max_rows is reached.
+        Hands a batch over when max_rows is reached.
         """
         try:
-            converters = self._converters[table]
+            convert = self._row[table]
         except KeyError:
             raise KeyError(f"unknown table {table!r}") from None
         allowed = self._allowed[table]
         converted = []
+        append = converted.append
         for row in rows:
             if not allowed.issuperset(row):
                 raise ValueError(f"{table}: unknown column(s) {sorted(set(row) - allowed)}")
-            get = row.get
             try:
-                converted.append([conv(get(col)) for col, conv in converters])
-            except (TypeError, ValueError):
-                converted.append(self._explain(table, row))  # raises with the column name
+                append(convert(row))
+            except (TypeError, ValueError, AttributeError):
+                self._explain(table, row)  # raises naming the column
         if not converted:
             return 0
-        with self._lock:
+        with self._buf:
             if self._closed:
                 raise RuntimeError(f"{self.name}: writer is closed")
             self._buffers[table].extend(converted)
             if self._count == 0:
                 self._oldest = self.clock()
             self._count += len(converted)
-            if self._count >= self.max_rows and self._opened:
-                self._flush_locked()
+            full = self._count >= self.max_rows and self._opened
+            batch = self._take() if full else None
+        if batch:
+            self._dispatch(batch, wait=False)
         return len(converted)
 
-    def _explain(self, table: str, row: Mapping[str, Any]) -> list:
+    def _explain(self, table: str, row: Mapping[str, Any]) -> None:
+        """Raise ValueError naming the first column whose value does not convert."""
         for col, conv in self._converters[table]:
             try:
                 conv(row.get(col))
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, AttributeError) as err:
                 raise ValueError(f"{table}.{col}: {err} (value {row.get(col)!r:.80})") from None
-        raise AssertionError("unreachable")
+        raise ValueError(f"{table}: row does not convert: {row!r:.200}")
 
     def due(self) -> bool:
-        """True when a flush (size, age) or a spool retry is due now."""
+        """True when a flush is due (size, age), or in foreground mode a spool retry."""
         now = self.clock()
         if self._count >= self.max_rows or (self._count and now - (self._oldest or now) >= self.max_age):
             return True
-        if self._held:
-            return True
-        return self.spool is not None and self.spool.pending() and now >= self._next_try
+        if self.background:
+            return False  # the flusher thread retries the spool by itself
+        return bool(self._held) or (self.spool is not None and self.spool.pending() and now >= self._next_try)
 
     def maybe_flush(self) -> bool:
-        """Flush if due; cheap when not. Returns True when it flushed or replayed."""
-        with self._lock:
-            if not self._opened or self._closed or not self.due():
-                return False
-            self._flush_locked()
-            return True
+        """Hand a batch over if one is due; cheap when not. Returns True when it did something."""
+        if not self._opened or self._closed or not self.due():
+            return False
+        with self._buf:
+            batch = self._take()
+        self._dispatch(batch, wait=False)
+        return True
 
     def flush(self) -> None:
-        """Write (or spool) everything buffered now, then replay the spool if due."""
-        with self._lock:
-            if not self._opened:
-                raise RuntimeError(f"{self.name}: open() the writer first")
-            self._flush_locked()
+        """Deliver everything buffered now (to the database or the spool) and wait for it."""
+        if not self._opened:
+            raise RuntimeError(f"{self.name}: open() the writer first")
+        with self._buf:
+            batch = self._take()
+        self._dispatch(batch, wait=True)
 
     def stats(self) -> dict:
-        """Counters for status/metrics."""
-        with self._lock:
-            out = dict(self.counters)
-            spool_bytes, segments = self.spool.size() if self.spool is not None else (0, 0)
-            out.update(
-                db_ok=self._db_ok,
-                buffered=self._count,
-                spool_bytes=spool_bytes,
-                spool_segments=segments,
-                held_batches=len(self._held),
-            )
-            return out
+        """Counters for status/metrics (safe to call from any thread)."""
+        out = dict(self.counters)
+        out.update(
+            db_ok=self._db_ok,
+            buffered=self._count,
+            queued_batches=len(self._queue),
+            spool_bytes=self.spool.bytes if self.spool is not None else 0,
+            spool_segments=self.spool.count if self.spool is not None else 0,
+            held_batches=len(self._held),
+        )
+        return out
 
-    # -- flushing -----------------------------------------------------------------
+    # -- hand-over -----------------------------------------------------------------
     def _take(self) -> list[Record]:
-        """Every table's buffered rows as records, in TABLES order; buffers emptied."""
+        """Every table's buffered rows as records, in TABLES order; buffers emptied (_buf held)."""
         records = []
         for name, rows in self._buffers.items():
             if not rows:
@@ -281,8 +319,56 @@ class Writer:
         self._oldest = None
         return records
 
-    def _flush_locked(self, replay_budget: float | None = None) -> None:
-        batch = self._held + self._take()
+    def _dispatch(self, batch: list[Record], *, wait: bool) -> None:
+        if self._thread is None:  # foreground: deliver here
+            with self._io:
+                self._deliver_and_replay(batch)
+            return
+        with self._cv:
+            # Backpressure: a slow database slows the producer, memory stays bounded.
+            while len(self._queue) >= self.max_pending and self._thread is not None and self._thread.is_alive():
+                self._cv.wait(0.1)
+            self._submitted += 1
+            ticket = self._submitted
+            self._queue.append((ticket, batch))
+            self._cv.notify_all()
+            if wait:
+                while self._delivered < ticket and self._thread is not None and self._thread.is_alive():
+                    self._cv.wait(0.1)
+
+    def _flusher(self) -> None:
+        """Thread body: deliver handed-over batches in order; retry the spool while idle."""
+        while True:
+            with self._cv:
+                if not self._queue and not self._stop_thread:
+                    self._cv.wait(self._idle_wait())
+                item = self._queue.popleft() if self._queue else None
+                stop = self._stop_thread and not self._queue
+            ticket, batch = item if item else (0, [])
+            try:
+                with self._io:
+                    self._deliver_and_replay(batch)
+            except Exception as err:  # a bug must not lose the batch or kill the thread
+                log.exception("%s: flusher failed; holding the batch", self.name)
+                self.counters["last_error"] = _one_line(err)
+                with self._io:
+                    self._held.extend(batch)
+            with self._cv:
+                if ticket:
+                    self._delivered = ticket
+                self._cv.notify_all()
+            if stop and item is None:
+                return
+
+    def _idle_wait(self) -> float:
+        """How long the flusher may sleep: until the next spool retry, at most 0.5 s."""
+        if self.spool is None or (not self.spool.pending() and not self._held):
+            return 0.5
+        return min(0.5, max(0.01, self._next_try - self.clock()))
+
+    # -- delivery (under _io) -----------------------------------------------------------
+    def _deliver_and_replay(self, batch: list[Record], replay_budget: float | None = None) -> None:
+        batch = self._held + batch
         self._held = []
         if batch:
             self._deliver(batch)
@@ -309,7 +395,7 @@ class Writer:
             try:
                 self.spool.append(record)
             except OSError as err:
-                # Disk full or unwritable: keep the rest in memory and retry next flush.
+                # Disk full or unwritable: keep the rest in memory and retry next time.
                 log.error("%s: cannot spool (%s); holding %d batch(es) in memory", self.name, err, len(batch) - i)
                 self.counters["last_error"] = f"spool: {err}"[:300]
                 self._held.extend(batch[i:])
@@ -320,7 +406,7 @@ class Writer:
     def _connection(self) -> psycopg2.extensions.connection:
         conn = self._conn
         if conn is not None and self._conn_pid != os.getpid():
-            _inherited.append(conn)
+            _inherited.append(conn)  # opened before a fork: never touch the parent's socket
             conn = self._conn = None
         if conn is None or conn.closed:
             conn = connect(
@@ -412,19 +498,20 @@ class Writer:
             self._drop_connection()
 
     def _insert(self, cur, table: Table, record: Record, staged: set[str]) -> int:
+        rows = record.rows
         if record.columns != list(table.column_names):
-            # A spool written by another version of the table list: reorder by name.
-            pos = [record.columns.index(c) if c in record.columns else None for c in table.column_names]
-            rows = [[row[i] if i is not None else None for i in pos] for row in record.rows]
-        else:
-            rows = record.rows
+            # A spool written by another version of the table list: align by name.
+            rows = [self._aligned(table, record, row) for row in rows]
         if self.method == "copy":
             stage = f"_stage_{table.name}"
             if table.name in staged:  # a second record of this table in one transaction
                 cur.execute(f"DELETE FROM {stage}")
             staged.add(table.name)
+            text = copy_text(rows)
+            # One read of the whole buffer: psycopg2 would otherwise read 8 kB at a
+            # time, re-taking the GIL for each chunk (slow when another thread runs).
             cur.copy_expert(
-                f"COPY {stage} ({', '.join(table.column_names)}) FROM STDIN", io.StringIO(copy_text(rows))
+                f"COPY {stage} ({', '.join(table.column_names)}) FROM STDIN", io.StringIO(text), size=len(text) + 1
             )
             cur.execute(table.insert_from(f"{stage} AS s"))
             return cur.rowcount  # the staged rows vanish at commit (ON COMMIT DELETE ROWS)
@@ -526,8 +613,7 @@ class Writer:
                         self._down(err)
                         self._replay_at = (segment, offset)
                         return
-                    left = self._isolate([record], err)
-                    if left:
+                    if self._isolate([record], err):
                         self._replay_at = (segment, offset)
                         return
                 self.counters["rows_replayed"] += len(record.rows)
@@ -544,7 +630,7 @@ class Writer:
 
 
 def _is_row_error(err: BaseException) -> bool:
-    """Errors a single row can cause that are not about the connection (e.g. cardinality)."""
+    """Errors one row can cause that are not about the connection (ON CONFLICT cardinality)."""
     return isinstance(err, psycopg2.ProgrammingError) and getattr(err, "pgcode", None) == "21000"
 
 

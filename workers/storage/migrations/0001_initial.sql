@@ -114,7 +114,8 @@ CREATE TABLE orderbook_snapshots (
     received_at  timestamptz,
     PRIMARY KEY (token_id, ts, hash)
 );
-CREATE INDEX orderbook_snapshots_condition_ts_idx ON orderbook_snapshots (condition_id, ts);
+-- The key's index serves a token's books over a time range and its latest book;
+-- a market's books go through its two tokens (as for trades below).
 CREATE INDEX orderbook_snapshots_ts_brin ON orderbook_snapshots USING brin (ts);
 
 -- trades: every fill the exchange published (WebSocket last_trade_price, or
@@ -147,10 +148,13 @@ CREATE UNIQUE INDEX trades_key ON trades (token_id, tx_hash, price, size, side, 
     WHERE tx_hash IS NOT NULL;
 CREATE UNIQUE INDEX trades_key_no_tx ON trades (token_id, ts, price, size, side, ordinal)
     WHERE tx_hash IS NULL;
--- a token's trades over a time range
+-- A token's trades over a time range. A market's trades go through its tokens:
+--   WHERE token_id IN (SELECT token_id FROM tokens WHERE condition_id = $1) AND ts >= ...
+-- (two index ranges). No (condition_id, ts) index: trades is the hottest table and
+-- each index costs every insert (measured: a fourth btree cut the batched rate ~25%).
 CREATE INDEX trades_token_ts_idx ON trades (token_id, ts);
--- a market's trades (both tokens) over a time range
-CREATE INDEX trades_condition_ts_idx ON trades (condition_id, ts);
+-- whole-table time ranges (all tokens); BRIN: tiny and nearly free to maintain
+CREATE INDEX trades_ts_brin ON trades USING brin (ts);
 
 -- resolutions: how a market resolved (or was voided).
 -- Key: market_id; a market has one resolution. Upsert rewrites it when the
