@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -372,9 +373,14 @@ class MetricsServer:
             address_family = family
             request_queue_size = 16
 
-            def handle_error(self, request, client_address):  # no traceback on stderr for a reset peer
-                log.warning("metrics: request from %s failed", client_address[0] if client_address else "?",
-                            exc_info=True)
+            def handle_error(self, request, client_address):
+                """A peer that timed out or went away is one line; anything else a traceback."""
+                err = sys.exc_info()[1]
+                peer = client_address[0] if client_address else "?"
+                if isinstance(err, OSError):
+                    log.info("metrics: request from %s dropped: %s", peer, err)
+                else:
+                    log.warning("metrics: request from %s failed", peer, exc_info=True)
 
         try:
             server = Server((self.host, self.port), _Handler)
