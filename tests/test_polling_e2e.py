@@ -373,3 +373,37 @@ def test_resolution_written_once_and_corrected(tmp_path, pg_dsn, quiet_sim):
     finally:
         for w in (markets, res):
             w.shutdown()
+
+
+def test_database_down_is_counted_not_a_crash(tmp_path, pg_dsn, quiet_sim):
+    """No database: a cycle that needs a query fails cleanly (counted); a known followed set keeps being used."""
+    import socket
+
+    from workers.markets import MarketsCollector
+    from workers.prices import PricesCollector
+    from workers.storage import Database
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"host=127.0.0.1 port={s.getsockname()[1]} dbname=x user=u connect_timeout=2"
+    migrate(pg_dsn)
+    markets = _collector(MarketsCollector, quiet_sim, pg_dsn, tmp_path, "markets")
+    prices = _collector(PricesCollector, quiet_sim, pg_dsn, tmp_path, "prices")
+    orphan = _collector(PricesCollector, quiet_sim, dead, tmp_path / "orphan", "prices")
+    for w in (markets, prices, orphan):
+        w.init_process()
+    try:
+        markets.step()
+        prices.step()
+        assert prices.last_cycle["rows"] == 24
+        prices.db = Database(dead)  # the followed-set query now fails; the last set read is used
+        prices.step()
+        assert prices.last_cycle["rows"] == 24 and prices.counters["errors"] == 0
+        orphan.step()  # never saw a followed set: nothing to poll, the failure is counted
+        assert orphan.last_cycle["database_error"] == "OperationalError"
+        assert orphan.counters["errors"] == 1 and "database" in orphan.counters["last_error"]
+        prices.writer.flush()
+        assert query(pg_dsn, "SELECT count(DISTINCT ts), count(*) FROM price_snapshots")[0] == (2, 48)
+    finally:
+        for w in (markets, prices, orphan):
+            w.shutdown()

@@ -15,10 +15,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Iterator
 
+import psycopg2
+
 from workers import payload as p
 from workers.errors import HttpError, PayloadError
 from workers.polling import PollingWorker, utcnow
 from workers.selection import choose, followed_rows
+from workers.storage.followed import replace_followed, selection_candidates
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +390,6 @@ class MarketsCollector(PollingWorker):
     # -- the followed set ------------------------------------------------------------------
     def _refresh_followed(self, figures: dict) -> None:
         """Flush, choose from the database with [selection], replace followed_tokens atomically."""
-        import psycopg2
-
-        from workers.storage.followed import replace_followed, selection_candidates
-
         self.writer.flush()
         now = utcnow()
         hours = float(self.selection.get("recent_closed_hours") or 0)
@@ -400,7 +399,7 @@ class MarketsCollector(PollingWorker):
             added, removed = replace_followed(self.db, rows, now)
         except psycopg2.Error as err:
             self.failure(f"followed set not updated: database: {type(err).__name__}")
-            log.warning("%s: followed set not updated (database: %s)", self.name, str(err).strip()[:200])
+            self._warn_db(err)
             return
         self.followed = len(rows)
         figures.update(followed_added=added, followed_removed=removed)

@@ -162,9 +162,7 @@ class OrderbooksCollector(PollingWorker):
         return self.urls.get("clob_url", "https://clob.polymarket.com").rstrip("/")
 
     def cycle(self, figures: dict) -> None:
-        from workers.storage.followed import followed_tokens
-
-        ids = [t.token_id for t in followed_tokens(self.db)]
+        ids = [t.token_id for t in self.followed()]
         received = written = unchanged = missing = malformed = failed = 0
         groups = chunks(ids, self.options["batch"])
         for chunk in groups:

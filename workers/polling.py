@@ -21,10 +21,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import psycopg2
+
 from workers.base import Worker
 from workers.errors import Stopping
 from workers.http import Client
 from workers.payload import Parsed, ProblemLog
+from workers.storage import Database, Writer
+from workers.storage.followed import FollowedToken, followed_tokens
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +66,11 @@ class PollingWorker(Worker):
         self.problems = ProblemLog(logging.getLogger(f"workers.{self.name}"))
         self.last_cycle: dict[str, Any] = {}
         self.cycles = 0
+        self._followed: list[FollowedToken] | None = None
+        self._db_warned = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
     def init_process(self) -> None:
-        from workers.storage import Database, Writer  # psycopg2 only in the child
-
         o = self.options
         apis = {self.urls.get("gamma_url", ""): "gamma", self.urls.get("clob_url", ""): "clob",
                 self.urls.get("data_url", ""): "data"}
@@ -98,6 +102,13 @@ class PollingWorker(Worker):
             self.cycle(figures)
         except Stopping:
             figures["interrupted"] = True
+        except psycopg2.Error as err:
+            # The database is down or restarting: rows go to the writer's spool; a
+            # query the cycle needed failed. Counted and logged (at most once a
+            # minute), never a traceback per cycle; the next cycle tries again.
+            figures["database_error"] = type(err).__name__
+            self.failure(f"database: {type(err).__name__}: {str(err).strip()[:200]}")
+            self._warn_db(err)
         finally:
             figures["seconds"] = round(time.monotonic() - started, 3)
             figures["requests"] = (self.client.requests_made if self.client else 0) - requests_before
@@ -119,6 +130,22 @@ class PollingWorker(Worker):
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
             return self.stopping
         return self.wait(seconds)
+
+    def _warn_db(self, err: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._db_warned >= 60.0:
+            self._db_warned = now
+            log.warning("%s: database unavailable (%s: %s)", self.name, type(err).__name__, str(err).strip()[:200])
+
+    def followed(self) -> list[FollowedToken]:
+        """The followed set from the database; the last one read while the database is down."""
+        try:
+            self._followed = followed_tokens(self.db)
+        except psycopg2.Error as err:
+            if self._followed is None:
+                raise
+            self._warn_db(err)
+        return self._followed
 
     def checkpoint(self) -> None:
         """Between requests: flush when due, heartbeat, and leave the cycle if stopping."""

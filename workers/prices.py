@@ -127,9 +127,7 @@ class PricesCollector(PollingWorker):
         return self.urls.get("clob_url", "https://clob.polymarket.com").rstrip("/")
 
     def cycle(self, figures: dict) -> None:
-        from workers.storage.followed import followed_tokens
-
-        followed = {t.token_id: t for t in followed_tokens(self.db)}
+        followed = {t.token_id: t for t in self.followed()}
         ids = list(followed)
         ts = utcnow()
         written = failed = malformed = crossed = missing = 0

@@ -42,6 +42,7 @@ from workers import payload as p
 from workers.errors import HttpError, PayloadError
 from workers.markets import market_objects, outcome_tokens
 from workers.polling import PollingWorker, chunks, utcnow
+from workers.storage.followed import resolution_rows, unsettled_markets
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ class ResolutionsCollector(PollingWorker):
         return self.urls.get("gamma_url", "https://gamma-api.polymarket.com").rstrip("/")
 
     def cycle(self, figures: dict) -> None:
-        from workers.storage.followed import resolution_rows, unsettled_markets
-
         now = utcnow()
         limit = max(1, self.options["max_markets"])
         ids = unsettled_markets(self.db, self._cursor, limit, now - timedelta(hours=self.options["recheck_hours"]))
