@@ -105,7 +105,7 @@ class Gamma:
             mid = ONE // 2
         return PRICE_TEXT[mid], PRICE_TEXT[ONE - mid]
 
-    def market(self, m: Market, include_tag: bool = False, schema: bool = False) -> dict:
+    def market(self, m: Market, include_tag: bool = False, schema: bool = False, embedded: bool = False) -> dict:
         """One Gamma market object, keys in the order of the recorded payloads."""
         closed = m.closed
         resolved = m.state == "resolved"
@@ -183,8 +183,9 @@ class Gamma:
             "pendingDeployment": False, "deploying": False, "rfqEnabled": False,
             "holdingRewardsEnabled": False, "feesEnabled": m.fee_rate_bps != "0",
             "requiresTranslation": False,
-            "events": [self.event_stub(m)],
         })
+        if not embedded:  # markets inside an event carry no `events` back-reference
+            o["events"] = [self.event_stub(m)]
         if closed:
             for key in ("liquidity", "liquidityNum", "liquidityClob", "competitive"):
                 o.pop(key, None)
@@ -211,6 +212,7 @@ class Gamma:
             "creationDate": iso_us(e.created_ms), "endDate": iso_s(max(m.end_ms for m in markets)),
             "active": True, "closed": closed, "archived": False, "new": False, "featured": False,
             "restricted": True, "liquidity": 0.0, "volume": volume, "openInterest": 0,
+            "volume24hr": round(volume / 37, 6), "commentCount": 0,
             "createdAt": iso_us(e.created_ms), "updatedAt": iso_us(max(m.updated_ms for m in markets)),
             "enableOrderBook": True, "negRisk": e.neg_risk, "enableNegRisk": e.neg_risk,
             "negRiskAugmented": False,
@@ -219,7 +221,8 @@ class Gamma:
             o["negRiskMarketID"] = e.neg_risk_market_id
         if closed:
             o["closedTime"] = pg_text(max(m.closed_ms for m in markets))
-        o["markets"] = [self.market(m) for m in markets]
+        o["tags"] = [{"id": t["id"], "label": t["label"], "slug": t["slug"]} for t in markets[0].tags]
+        o["markets"] = [self.market(m, embedded=True) for m in markets]
         return o
 
     # -- queries ---------------------------------------------------------------------------
@@ -239,6 +242,9 @@ class Gamma:
         tokens = set(t for v in q.getall("clob_token_ids", []) for t in v.split(",") if t)
         conds = set(c for v in q.getall("condition_ids", []) for c in v.split(",") if c)
         uma = q.get("uma_resolution_status")
+        tag_id = q.get("tag_id")
+        if tag_id is not None and not tag_id.isdigit():
+            raise QueryError("invalid integer for tag_id")
         bounds = {}
         for key, attr in (("start_date_min", "start_ms"), ("start_date_max", "start_ms"),
                           ("end_date_min", "end_ms"), ("end_date_max", "end_ms")):
@@ -260,6 +266,8 @@ class Gamma:
             if tokens and not (tokens & set(m.tokens)):
                 continue
             if conds and m.condition_id not in conds:
+                continue
+            if tag_id is not None and all(t["id"] != tag_id for t in m.tags):
                 continue
             if uma is not None and (("resolved" if m.state == "resolved" else "proposed" if m.closed else "") != uma):
                 continue

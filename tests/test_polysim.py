@@ -293,3 +293,30 @@ def test_data_api_windows_paging_and_jitter(polysim):
     assert side and {r["side"] for r in side} == {"SELL"}
     page = sim.get("/_sim/ledger?since=10&limit=5")
     assert [t["index"] for t in page["trades"]] == [10, 11, 12, 13, 14] and page["next"] == 15
+
+
+def test_gamma_events_and_tags(polysim):
+    sim = polysim(markets=12, seed=9, trade_rate=10.0)
+    _, events = get(sim.gamma_url + "/events?limit=100")
+    real = load("gamma_events_neg_risk_30829.json")[0]
+    keys = ("id", "ticker", "slug", "title", "description", "startDate", "creationDate", "endDate", "active",
+            "closed", "archived", "liquidity", "volume", "openInterest", "createdAt", "updatedAt", "volume24hr",
+            "enableOrderBook", "negRisk", "enableNegRisk", "negRiskAugmented", "tags", "commentCount")
+    neg = [e for e in events if e["negRisk"]]
+    assert neg and all(len(e["markets"]) == 3 for e in neg)
+    for e in events:
+        same_shape(e, real, keys)
+        for m in e["markets"]:
+            same_shape(m, real["markets"][0], [k for k in GAMMA_KEYS if k in real["markets"][0]])
+            assert "events" not in m
+    assert {m["negRiskMarketID"] for m in neg[0]["markets"]} == {neg[0]["negRiskMarketID"]}
+    _, markets = get(sim.gamma_url + "/markets?include_tag=true&limit=100")
+    tag = markets[0]["tags"][0]["id"]
+    _, tagged = get(sim.gamma_url + f"/markets?tag_id={tag}&include_tag=true&limit=100")
+    assert tagged and all(any(t["id"] == tag for t in m["tags"]) for m in tagged)
+    assert len(tagged) < len(markets)
+    code, _ = get_error(sim.gamma_url + "/markets?tag_id=politics")
+    assert code == 422
+    _, ordered = get(sim.gamma_url + "/markets?order=updatedAt&ascending=false&limit=100")
+    stamps = [m["updatedAt"] for m in ordered]
+    assert stamps == sorted(stamps, reverse=True)
