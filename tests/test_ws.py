@@ -1,0 +1,194 @@
+"""workers/ws.py and workers/feed.py: one connection's state machine and the socket set.
+
+Deadlines are driven by an injected clock; the sockets are real (polysim on loopback).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from workers.feed import Feed, subscribe_frames, unsubscribe_frames
+from workers.messages import parse
+from workers.ws import CLOSED, OPEN, Backoff, Connection, ConnectionFailed, WsOptions
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def tokens_of(sim, markets: int | None = None) -> list[str]:
+    rows = sim.get("/gamma/markets?closed=false&limit=100")
+    return [t for m in rows[:markets] for t in json.loads(m["clobTokenIds"])]
+
+
+def read_until(conn: Connection, predicate, timeout: float = 10.0) -> list[str]:
+    """Read messages (blocking reads, real time) until predicate(all so far) holds."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got += conn.read()
+        if predicate(got):
+            return got
+    raise AssertionError(f"predicate not met; read {len(got)} messages")
+
+
+def test_backoff_doubles_with_jitter_and_caps():
+    low = Backoff(0.5, 30.0, rng=lambda: 0.0)
+    high = Backoff(0.5, 30.0, rng=lambda: 1.0)
+    assert [low.next() for _ in range(8)] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert [high.next() for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    for _ in range(100):  # never gives up, never exceeds the cap
+        assert 15.0 <= high.next() <= 30.0
+    high.reset()
+    assert high.next() == 0.5
+
+
+def test_subscribe_frames_are_chunked_to_100_ids():
+    ids = [str(10**70 + i) for i in range(250)]
+    frames = [json.loads(f) for f in subscribe_frames(ids, initial=True)]
+    assert [len(f["assets_ids"]) for f in frames] == [100, 100, 50]
+    assert frames[0] == {"assets_ids": ids[:100], "type": "market", "custom_feature_enabled": True}
+    assert all(f["operation"] == "subscribe" and f["custom_feature_enabled"] for f in frames[1:])
+    assert sum((f["assets_ids"] for f in frames), []) == ids
+    later = [json.loads(f) for f in subscribe_frames(ids[:5], initial=False)]
+    assert later == [{"operation": "subscribe", "assets_ids": ids[:5], "custom_feature_enabled": True}]
+    assert [json.loads(f) for f in unsubscribe_frames(ids[:3])] == [{"operation": "unsubscribe",
+                                                                    "assets_ids": ids[:3]}]
+
+
+def test_connection_dump_ping_pong_and_deadlines(polysim):
+    sim = polysim(markets=4, seed=11, trade_rate=5.0)
+    tokens = tokens_of(sim, 2)
+    clock = Clock()
+    opts = WsOptions(ping_interval=10, pong_timeout=5, stall_timeout=30, read_timeout=5)
+    conn = Connection(sim.ws_url, opts, clock=clock)
+    conn.connect()
+    assert conn.state == OPEN and conn.fileno() >= 0
+    for frame in subscribe_frames(tokens, initial=True):
+        conn.send(frame)
+    # The initial dump: one book per asset, as a JSON array frame.
+    got = read_until(conn, lambda g: sum(len(parse(t).books) for t in g) >= len(tokens))
+    assert any(t.lstrip().startswith("[") for t in got)
+    # No PING before ping_interval; one at it, with a PONG deadline.
+    conn.tick()
+    assert conn.pong_due is None
+    clock.t += 10
+    conn.tick()
+    assert conn.pong_due == clock.t + 5
+    read_until(conn, lambda g: any(parse(t).pong for t in g))
+    conn.got_pong()
+    assert conn.pong_due is None
+    # A missed PONG deadline fails the connection and schedules a jittered retry.
+    clock.t += 10
+    conn.tick()  # PING sent; pretend no PONG comes
+    clock.t += 5.1
+    with pytest.raises(ConnectionFailed, match="PONG"):
+        conn.tick()
+    assert conn.state == CLOSED and conn.reconnects == 1
+    assert clock.t + 0.25 <= conn.next_attempt <= clock.t + 0.5
+    # A stall (no data at all for stall_timeout) fails it too.
+    conn.connect()
+    clock.t += 30.1
+    with pytest.raises(ConnectionFailed, match="stalled"):
+        conn.tick()
+    assert conn.state == CLOSED and conn.reconnects == 2
+
+
+def test_connect_failure_backs_off_and_never_gives_up():
+    clock = Clock()
+    conn = Connection("ws://127.0.0.1:9/ws/market", WsOptions(connect_timeout=1, backoff_max=2), clock=clock)
+    delays = []
+    for _ in range(6):
+        with pytest.raises(ConnectionFailed):
+            conn.connect()
+        delays.append(conn.next_attempt - clock.t)
+    assert conn.state == CLOSED
+    assert 0.25 <= delays[0] <= 0.5 and all(1.0 <= d <= 2.0 for d in delays[3:])
+
+
+def drive(feed: Feed, seconds: float, until=None) -> list[tuple]:
+    """Run tick/poll for up to `seconds` (real time); returns (conn index, text) read."""
+    out = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        feed.tick()
+        for conn, texts in feed.poll(0.05):
+            for text in texts:
+                if parse(text).pong:
+                    conn.got_pong()
+                out.append((conn.index, text))
+        if until is not None and until(out):
+            break
+    return out
+
+
+def trade_tokens(read: list[tuple]) -> dict[str, set[int]]:
+    seen: dict[str, set[int]] = {}
+    for index, text in read:
+        for row in parse(text).trades:
+            seen.setdefault(row["token_id"], set()).add(index)
+    return seen
+
+
+def test_feed_multiplexes_sockets_and_applies_changes_live(polysim):
+    sim = polysim(markets=10, seed=13, trade_rate=200.0)
+    tokens = tokens_of(sim)
+    feed = Feed(sim.ws_url, WsOptions(ping_interval=0.5, pong_timeout=2, stall_timeout=3),
+                assets_per_socket=6, connect_stagger=0.05)
+    try:
+        added, removed = feed.set_tokens(tokens)
+        assert sorted(added) == sorted(tokens) and removed == []
+        assert len(feed.conns) == -(-len(tokens) // 6)
+        assert all(len(a) <= 6 for a in feed.assets.values())
+        read = drive(feed, 15, until=lambda r: all(c.state == OPEN for c in feed.conns)
+                     and len({i for t, s in trade_tokens(r).items() for i in s}) >= 3)
+        assert all(c.state == OPEN for c in feed.conns)
+        live = [e for e in feed.events if e[0] == "live"]
+        assert sorted(t for e in live for t in e[2]) == sorted(tokens)
+        seen = trade_tokens(read)
+        assert seen and all(indexes == {feed.where[t]} for t, indexes in seen.items())  # one socket per token
+        # Drop half the tokens live: unsubscribed, their trades stop; the rest keep flowing.
+        keep = set(tokens[: len(tokens) // 2])
+        feed.events.clear()
+        added, removed = feed.set_tokens(keep)
+        assert added == [] and sorted(removed) == sorted(set(tokens) - keep)
+        drive(feed, 0.5)  # frames in flight before the unsubscribe took effect
+        later = trade_tokens(drive(feed, 3))
+        assert later and set(later) <= keep
+        # Add them back: subscribe operations on the open sockets, reported live.
+        added, _ = feed.set_tokens(tokens)
+        assert sorted(added) == sorted(set(tokens) - keep)
+        assert sorted(t for e in feed.events if e[0] == "live" for t in e[2]) == sorted(added)
+        assert len(feed.conns) == -(-len(tokens) // 6)  # reused the room, no new sockets
+    finally:
+        feed.close()
+
+
+def test_feed_reports_down_then_live_across_a_drop(polysim):
+    sim = polysim(markets=4, seed=17, trade_rate=50.0)
+    tokens = tokens_of(sim)
+    feed = Feed(sim.ws_url, WsOptions(ping_interval=0.5, pong_timeout=2, stall_timeout=3, backoff_initial=0.1),
+                assets_per_socket=4, connect_stagger=0.05)
+    try:
+        feed.set_tokens(tokens)
+        drive(feed, 10, until=lambda r: all(c.state == OPEN for c in feed.conns) and len(r) > 20)
+        feed.events.clear()
+        before = time.time()
+        sim.faults(surface="ws", kind="drop")
+        drive(feed, 10, until=lambda r: sum(1 for e in feed.events if e[0] == "live") >= len(feed.conns))
+        down = [e for e in feed.events if e[0] == "down"]
+        live = [e for e in feed.events if e[0] == "live"]
+        assert sorted(t for e in down for t in e[2]) == sorted(tokens)
+        assert all(e[3] <= before + 1.0 for e in down)  # the gap starts at the last data, not later
+        assert sorted(t for e in live for t in e[2]) == sorted(tokens)
+        assert sum(c.reconnects for c in feed.conns) == len(feed.conns)
+        assert feed.status()["sockets_connected"] == len(feed.conns)
+    finally:
+        feed.close()
