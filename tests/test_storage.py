@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -295,3 +296,98 @@ def test_data_error_rows_are_quarantined_not_dropped(writer, db, tmp_path):
     rejected = [json.loads(line) for line in lines]
     assert [r["row"]["ordinal"] for r in rejected] == ["1", "2"]
     assert all(r["table"] == "trades" and r["error"] for r in rejected)
+
+
+# -- text encoding: whatever a string holds comes back identical ------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from workers.storage.rows import CONVERTERS, copy_text, row_converter  # noqa: E402
+
+# PostgreSQL text cannot hold NUL, UTF-8 cannot hold lone surrogates: everything else must survive.
+pg_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(pg_text, min_size=1, max_size=8))
+def test_any_text_round_trips_through_copy(writer, db, texts):
+    texts = texts + ["\\N", "a\tb\nc\rd\\e", "", "\\"]
+    writer.add("markets", [{"market_id": str(i), "question": t, "slug": None, "raw": {"q": t}}
+                           for i, t in enumerate(texts)])
+    writer.flush()
+    got = fetch(db, "SELECT question, slug, raw->>'q' FROM markets ORDER BY market_id::int")
+    conn = psycopg2.connect(db)
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM markets")
+    conn.commit()
+    conn.close()
+    assert got == [(t, None, t) for t in texts]
+    assert writer.stats()["rows_rejected"] == 0
+
+
+values = st.one_of(
+    st.none(), pg_text, st.integers(), st.decimals(allow_nan=False, allow_infinity=False),
+    st.floats(allow_nan=False), st.booleans(), st.datetimes(timezones=st.just(timezone.utc)), st.datetimes(),
+    st.lists(pg_text, max_size=3),
+)
+
+
+@given(st.dictionaries(st.sampled_from([c for c, _ in TABLES["markets"].columns]), values))
+def test_compiled_converter_matches_the_column_converters(row):
+    cols = TABLES["markets"].columns
+    fast = row_converter(cols)
+    try:
+        expected = [CONVERTERS[kind](row.get(c)) for c, kind in cols]
+    except (TypeError, ValueError, AttributeError):
+        with pytest.raises((TypeError, ValueError, AttributeError)):
+            fast(row)
+        return
+    assert fast(row) == expected
+
+
+def test_copy_text_escapes_only_what_needs_it():
+    assert copy_text([["a", None, "b\tc"], ["x\\y", "1\n2", "\r"]]) == "a\t\\N\tb\\tc\nx\\\\y\t1\\n2\t\\r\n"
+
+
+# -- flush timing with an injected clock ---------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_flush_is_due_by_size_or_age(db, tmp_path):
+    clock = Clock()
+    w = Writer(db, tmp_path / "spool", name="clock", max_rows=10, max_age=0.5, background=False, clock=clock).open()
+    try:
+        assert not w.due()
+        w.add("trades", [trade(ordinal=0)])
+        assert not w.due() and not w.maybe_flush()
+        clock.t += 0.49
+        assert not w.due()
+        clock.t += 0.02  # the oldest row is now older than max_age
+        assert w.due() and w.maybe_flush()
+        assert w.stats()["rows_written"] == 1 and w.stats()["buffered"] == 0
+        w.add("trades", [trade(ordinal=i) for i in range(1, 10)])  # 9 rows, fresh
+        assert not w.due()
+        w.add("trades", [trade(ordinal=10)])  # the 10th: add() itself hands the batch over
+        assert w.stats()["rows_written"] == 11 and w.stats()["buffered"] == 0
+    finally:
+        w.close()
+    assert fetch(db, "SELECT count(*) FROM trades") == [(11,)]
+
+
+def test_background_flusher_delivers_within_max_age(db, tmp_path):
+    """The collector only calls maybe_flush(); the thread commits; the loop never waits on the DB."""
+    w = Writer(db, tmp_path / "spool", name="bg", max_age=0.05).open()
+    try:
+        w.add("trades", [trade(ordinal=i) for i in range(5)])
+        deadline = time.monotonic() + 20
+        while fetch(db, "SELECT count(*) FROM trades") != [(5,)]:
+            assert time.monotonic() < deadline, w.stats()
+            w.maybe_flush()
+            time.sleep(0.02)
+    finally:
+        w.close()

@@ -166,8 +166,9 @@ def wait_until(predicate, timeout: float = 30.0, step=None) -> bool:
     return predicate()
 
 
-def test_outage_spools_then_replays_everything_once_in_order(db, proxy, tmp_path):
-    w = Writer(proxy.dsn, tmp_path / "spool", name="trades.0", max_rows=100, max_age=0.02,
+@pytest.mark.parametrize("background", [True, False], ids=["flusher-thread", "foreground"])
+def test_outage_spools_then_replays_everything_once_in_order(db, proxy, tmp_path, background):
+    w = Writer(proxy.dsn, tmp_path / "spool", name="trades.0", max_rows=100, max_age=0.02, background=background,
                connect_timeout=2, retry_initial=0.05, retry_max=0.2, replay_budget=0.05).open()
     try:
         w.add("trades", trades(0, 100))

@@ -62,22 +62,26 @@ def connect(
     return psycopg2.connect(**params)
 
 
-def is_connection_error(err: BaseException) -> bool:
-    """True when err means "the database is not reachable / not usable now".
-
-    Those are retried later (spooled), never blamed on the data: lost or
-    refused connections, admin shutdown, read-only standby, statement timeout,
-    and any error that leaves the connection closed. Data errors (class 22
-    data exception, class 23 integrity violation) return False.
-    """
-    if isinstance(err, (psycopg2.DataError, psycopg2.IntegrityError)):
-        return False
-    return isinstance(err, psycopg2.Error)
+# Rejected by the database for what the rows hold, not for being unreachable:
+# class 22 data exception, class 23 integrity violation, text that cannot be encoded.
+DATA_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, UnicodeError)
 
 
 def is_data_error(err: BaseException) -> bool:
     """True when the database rejected the rows themselves (bad value, constraint)."""
-    return isinstance(err, (psycopg2.DataError, psycopg2.IntegrityError))
+    return isinstance(err, DATA_ERRORS)
+
+
+def is_connection_error(err: BaseException) -> bool:
+    """True when err means "the database is not reachable / not usable now".
+
+    Those are retried later (spooled), never blamed on the data: lost or
+    refused connections, admin shutdown, read-only standby, statement
+    timeout, a missing table (not migrated yet), socket errors.
+    """
+    if isinstance(err, DATA_ERRORS):
+        return False
+    return isinstance(err, (psycopg2.Error, OSError))
 
 
 class Database:

@@ -54,6 +54,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from .db import _inherited, connect
+from .db import is_connection_error as _is_connection_error
 from .rows import CONVERTERS, copy_text, row_converter
 from .spool import Record, Spool
 from .tables import TABLES, Table
@@ -64,14 +65,6 @@ MAX_ROWS = 5000
 MAX_AGE = 0.5  # seconds; with a loop calling maybe_flush often, latency stays < 1 s
 METHODS = ("copy", "values")
 
-# Rejected by the database for what the rows hold, not for being unreachable.
-_DATA_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, UnicodeError)
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    if isinstance(err, _DATA_ERRORS):
-        return False
-    return isinstance(err, (psycopg2.Error, OSError))
 
 
 class Writer:
@@ -320,8 +313,10 @@ class Writer:
         return records
 
     def _dispatch(self, batch: list[Record], *, wait: bool) -> None:
-        if self._thread is None:  # foreground: deliver here
+        if self._thread is None or not self._thread.is_alive():  # foreground: deliver here
             with self._io:
+                while self._queue:  # left by a flusher that is gone: keep the order
+                    self._deliver_and_replay(self._queue.popleft()[1])
                 self._deliver_and_replay(batch)
             return
         with self._cv:
