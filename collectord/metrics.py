@@ -33,7 +33,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -115,6 +115,23 @@ def pid_alive(pid: Any) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if "SC_CLK_TCK" in os.sysconf_names else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if "SC_PAGE_SIZE" in os.sysconf_names else 4096
+
+
+def proc_usage(pid: Any) -> tuple[float, float] | None:
+    """(CPU seconds, resident bytes) of a live process from /proc/PID/stat; None if unknown."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        # after the command: state(0) ... utime(11) stime(12) ... rss(21), in pages
+        return (int(fields[11]) + int(fields[12])) / _TICKS, int(fields[21]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def read_status(path: str) -> dict | None:
     """The status document, or None when it is missing or not a JSON object."""
     try:
@@ -156,6 +173,11 @@ class StatusCollector(Collector):
         self.clock = clock
         self.alive = alive
         self.stale_after = stale_after
+        self.last_pid: int | None = None  # the supervisor pid of the latest scrape
+
+    def supervisor_pid(self) -> str:
+        """For prometheus_client's ProcessCollector, collected right after this one."""
+        return str(self.last_pid) if self.last_pid else "-"
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on what status.json holds at scrape time
@@ -163,6 +185,8 @@ class StatusCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
         doc = read_status(self.status_path)
+        pid = (doc or {}).get("pid")
+        self.last_pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and self.alive(pid) else None
         ok, _ = health(doc, now, self.alive, self.stale_after)
         up = GaugeMetricFamily("collectord_up", "1 when status.json is fresh and its supervisor is alive.")
         up.add_metric([], 1.0 if ok else 0.0)
@@ -221,6 +245,13 @@ class StatusCollector(Collector):
                 value = _number(child.get(key))
                 if value is not None:
                     family(metric, "gauge", help_text).add_metric([name], value)
+            usage = proc_usage(child.get("pid")) if child.get("state") in ("STARTING", "RUNNING", "STOPPING") else None
+            if usage is not None:
+                family("collectord_collector_cpu_seconds_total", "counter",
+                       "User and system CPU seconds of the child process.").add_metric([name], usage[0])
+                family("collectord_collector_resident_memory_bytes", "gauge",
+                       "Resident memory of the child process (RSS; forked pages shared with the parent "
+                       "count in each).").add_metric([name], usage[1])
             counters = child.get("counters")
             if isinstance(counters, dict):
                 self._counters(name, counters, now, family)
@@ -342,7 +373,11 @@ class MetricsServer:
     def app(self) -> Callable:
         """The WSGI application: /metrics (prometheus_client), /healthz, / (an index)."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(StatusCollector(self.status_path, stale_after=self.stale_after))
+        status = StatusCollector(self.status_path, stale_after=self.stale_after)
+        registry.register(status)
+        # collectord_supervisor_process_*: CPU, memory, fds of the supervisor (the
+        # registry collects in registration order, so the pid is this scrape's).
+        ProcessCollector(namespace="collectord_supervisor", pid=status.supervisor_pid, registry=registry)
         metrics_app = make_wsgi_app(registry)
 
         def application(environ, start_response):

@@ -212,12 +212,19 @@ def test_endpoint_scraped_over_loopback(endpoint):
     base = f"http://127.0.0.1:{port}"
     code, body = get(base + "/healthz")
     assert code == 503 and "no status.json" in body
-    write_status(str(status_path), status_doc(os.getpid(), time.time()))
+    doc = status_doc(os.getpid(), time.time())
+    doc["children"][0]["pid"] = os.getpid()  # a live process to measure
+    write_status(str(status_path), doc)
     code, body = get(base + "/metrics")
     assert code == 200
     got = samples(body)
     assert got[("collectord_up", ())] == 1
     assert got[("collectord_collector_rows_written_total", (("collector", "markets"),))] == 1234
+    # CPU and memory of the supervisor (prometheus_client's ProcessCollector) and of a child (/proc).
+    assert got[("collectord_supervisor_process_resident_memory_bytes", ())] > 1e6
+    assert got[("collectord_collector_resident_memory_bytes", (("collector", "markets"),))] > 1e6
+    assert got[("collectord_collector_cpu_seconds_total", (("collector", "markets"),))] > 0
+    assert ("collectord_collector_resident_memory_bytes", (("collector", "trades.0"),)) not in got  # BACKOFF
     code, body = get(base + "/healthz")
     assert code == 200 and body.startswith("ok")
     assert get(base + "/nope")[0] == 404
@@ -272,3 +279,4 @@ def test_port_in_use_exits_1(tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
