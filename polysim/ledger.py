@@ -21,6 +21,11 @@ def tx_hash(seed: int, txno: int) -> str:
     return "0x" + hashlib.sha256(b"polysim:%d:tx:%d" % (seed, txno)).hexdigest()
 
 
+ENTRY = ('{"index":%d,"event_type":"last_trade_price","asset_id":"%s","market":"%s","price":"%s",'
+         '"size":"%s","side":"%s","timestamp":"%d","transaction_hash":"%s","fee_rate_bps":"%s",'
+         '"published_ms":%d}')
+
+
 class Ledger:
     """Append-only columns; index i is the i-th trade published (0-based)."""
 
@@ -56,6 +61,22 @@ class Ledger:
             idx = self.by_market[market] = array("q")
         idx.append(i)
         return i
+
+    def json_range(self, start: int, end: int, markets: list) -> str:
+        """Entries [start, end) as one JSON array text, formatted directly (no dicts).
+
+        Called from a worker thread: it only reads indices below a length taken
+        before the call, and appends never change existing entries.
+        """
+        parts = []
+        mk, tk, pr, sz, sd, ts, tx, pub = (self.market, self.token, self.price, self.size, self.side,
+                                          self.ts, self.tx, self.pub)
+        seed = self.seed
+        for i in range(start, end):
+            m = markets[mk[i]]
+            parts.append(ENTRY % (i, m.tokens[tk[i]], m.condition_id, PRICE_TEXT[pr[i]], size_text(sz[i]),
+                                  SIDES[sd[i]], ts[i], tx_hash(seed, tx[i]), m.fee_rate_bps, pub[i]))
+        return "[" + ",".join(parts) + "]"
 
     def entry(self, i: int, markets: list) -> dict:
         """Trade i with the field names of a WS `last_trade_price` message, plus index/publish time."""

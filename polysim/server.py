@@ -210,8 +210,11 @@ class Server:
         since = max(0, min(since, total))
         end = min(total, since + max(0, limit))
         markets = self.exchange.markets
-        trades = [led.entry(i, markets) for i in range(since, end)]
-        return _json(200, {"trades": trades, "next": end, "total": total})
+        # Formatting millions of entries takes seconds: do it in a thread so the engine and the
+        # WebSocket writers keep running (the GIL is shared, the event loop is not blocked).
+        text = await asyncio.get_running_loop().run_in_executor(None, led.json_range, since, end, markets)
+        return web.Response(text='{"trades":%s,"next":%d,"total":%d}' % (text, end, total),
+                            content_type="application/json")
 
     async def _faults_get(self, request: web.Request) -> web.Response:
         return _json(200, {"faults": self.faults.describe()})

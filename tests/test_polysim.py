@@ -320,3 +320,15 @@ def test_gamma_events_and_tags(polysim):
     _, ordered = get(sim.gamma_url + "/markets?order=updatedAt&ascending=false&limit=100")
     stamps = [m["updatedAt"] for m in ordered]
     assert stamps == sorted(stamps, reverse=True)
+
+
+def test_ledger_text_equals_entries():
+    """The fast ledger formatter and the dict form agree field for field."""
+    from polysim.exchange import Exchange
+    from polysim.options import Options
+
+    x = Exchange(Options(markets=4, seed=2, trade_rate=500.0, multi_fill=0.5), 1786000000000)
+    x.advance(2.0, 1786000002000)
+    assert len(x.ledger) > 500
+    fast = json.loads(x.ledger.json_range(0, len(x.ledger), x.markets))
+    assert fast == [x.ledger.entry(i, x.markets) for i in range(len(x.ledger))]
