@@ -204,3 +204,36 @@ def test_real_subscription_limits(polysim):
     dump = json.loads(ws.recv())
     assert [b["asset_id"] for b in dump] == tokens[:3], "no snapshot past max_dump_assets"
     ws.close()
+
+
+def test_tick_size_change_near_the_edges():
+    """A 0.01-tick market whose best bid drops under 0.04 announces 0.01 -> 0.001 on both tokens."""
+    from polysim.exchange import Exchange
+    from polysim.options import Options
+
+    class Capture:
+        def __init__(self):
+            self.out = []
+
+        def wants(self, asset):
+            return True
+
+        def emit(self, assets, text, custom_only=False):
+            self.out.append(json.loads(text))
+
+        def emit_global(self, text):
+            self.out.append(json.loads(text))
+
+    sink = Capture()
+    x = Exchange(Options(markets=10, seed=3, trade_rate=0.0, book_rate=0.0), 1786000000000, sink)
+    m = next(m for m in x.markets if m.state == "open" and m.book.tick == 100)
+    m.book.bids = {300: 10_000, 200: 10_000}
+    m.book.asks = {9000: 10_000, 9100: 10_000, 9200: 10_000, 9300: 10_000}
+    x._book_change(m)
+    changes = [e for e in sink.out if e["event_type"] == "tick_size_change"]
+    real = fixture_lines("ws_market_messages.jsonl")[45]
+    assert sorted(c["asset_id"] for c in changes) == sorted(m.tokens)
+    for c in changes:
+        same_shape(c, real, list(real))
+        assert (c["old_tick_size"], c["new_tick_size"]) == ("0.01", "0.001")
+    assert m.book.tick == 10
