@@ -1,6 +1,7 @@
 """Storage throughput: the Writer's batched paths vs one INSERT per row, and a spool replay.
 
     python -m bench.storage [--dsn DSN] [--rows N] [--naive-rows N] [--book-rows N] [--replay-rows N]
+                            [--rounds N]
 
 Everything runs side by side in one process and one run (the machine is
 shared and noisy: compare the ratios), each case in a fresh schema that is
@@ -9,6 +10,10 @@ dropped afterwards. Cases:
                                    staging table + INSERT ... SELECT ... ON CONFLICT,
                                    delivered by the flusher thread (the default)
                     writer copy fg the same with background=False (the caller delivers)
+  trades            frames writer  the producer does real work first: json.loads of
+                                   WebSocket-like frames and building each row, then
+                                   add()/maybe_flush(): flusher thread vs foreground
+                                   (_fg), to show what the thread overlaps
                     writer values  Writer(method="values"): add() + execute_values
                     naive          one INSERT ... ON CONFLICT per row, commit each
                     raw COPY       COPY straight into the table, nothing else
@@ -23,8 +28,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -133,6 +140,45 @@ def run_writer(dsn: str, table: str, rows: list[dict], method: str, tmp: Path,
     return len(rows) / elapsed, stats
 
 
+def frames_for(n: int, per_frame: int = 20) -> list[str]:
+    """WebSocket-like text frames of last_trade_price events (what the trade listener parses)."""
+    frames = []
+    for f in range(0, n, per_frame):
+        events = [
+            {"event_type": "last_trade_price", "asset_id": TOKENS[i % len(TOKENS)], "market": f"0x{i % 100:064x}",
+             "price": f"0.{(i * 37) % 999 + 1:03d}", "size": f"{(i * 13) % 5000}.{i % 1000000:06d}",
+             "side": "BUY" if i % 3 else "SELL", "fee_rate_bps": "0", "timestamp": str(1779746400000 + i),
+             "transaction_hash": f"0x{i:064x}"}
+            for i in range(f, min(n, f + per_frame))
+        ]
+        frames.append(json.dumps(events))
+    return frames
+
+
+def run_writer_frames(dsn: str, frames: list[str], n: int, tmp: Path, background: bool) -> float:
+    """rows/s when the producer does real work per row: json.loads + build the row, then add()."""
+    w = Writer(dsn, tmp / f"spool-{uuid.uuid4().hex[:6]}", name="frames", background=background).open()
+    started = time.perf_counter()
+    for text in frames:
+        now = datetime.now(timezone.utc)
+        rows = [
+            {"token_id": e["asset_id"], "condition_id": e["market"],
+             "ts": datetime.fromtimestamp(int(e["timestamp"]) / 1000, timezone.utc),
+             "price": Decimal(e["price"]), "size": Decimal(e["size"]), "side": e["side"],
+             "tx_hash": e["transaction_hash"], "ordinal": 0, "fee_rate_bps": Decimal(e["fee_rate_bps"]),
+             "source": "ws", "received_at": now}
+            for e in json.loads(text)
+        ]
+        w.add("trades", rows)
+        w.maybe_flush()
+    w.flush()
+    elapsed = time.perf_counter() - started
+    stats = w.stats()
+    w.close()
+    assert stats["rows_written"] == n and count(dsn, "trades") == n, stats
+    return n / elapsed
+
+
 def run_naive(dsn: str, table: str, rows: list[dict]) -> float:
     """One INSERT ... ON CONFLICT DO NOTHING per row, one commit per row."""
     t = TABLES[table]
@@ -198,43 +244,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-rows", type=int, default=5_000, help="rows for the one-INSERT-per-row case")
     parser.add_argument("--book-rows", type=int, default=20_000, help="order-book rows (20 levels a side)")
     parser.add_argument("--replay-rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians reported)")
     args = parser.parse_args(argv)
+    logging.getLogger("workers.storage").setLevel(logging.ERROR)  # the replay case warns by design
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
-    results: dict[str, dict] = {"trades": {}, "orderbook_snapshots": {}}
+    runs: dict[str, dict[str, list[float]]] = {"trades": {}, "orderbook_snapshots": {}}
+    replays: list[dict] = []
+
+    def record(table: str, key: str, value: float) -> None:
+        runs[table].setdefault(key, []).append(value)
+
     try:
-        cases = (("trades", trade_rows(args.rows), trade_rows(args.naive_rows, offset=5 * 10**6)),
-                 ("orderbook_snapshots", book_rows(args.book_rows), book_rows(min(args.naive_rows, args.book_rows))))
-        for table, rows, naive_rows in cases:
-            r = results[table]
+        trades_rows, trades_naive = trade_rows(args.rows), trade_rows(args.naive_rows, offset=5 * 10**6)
+        books, books_naive = book_rows(args.book_rows), book_rows(min(args.naive_rows, args.book_rows))
+        frames = frames_for(args.rows)
+        # Rounds interleave every case, so a burst of load from other users of the
+        # machine hits all of them alike; the table shows medians.
+        for _ in range(args.rounds):
+            for table, rows, naive_rows in (("trades", trades_rows, trades_naive),
+                                            ("orderbook_snapshots", books, books_naive)):
+                with Schema(args.dsn) as dsn:
+                    record(table, "writer_copy", run_writer(dsn, table, rows, "copy", tmp)[0])
+                with Schema(args.dsn) as dsn:
+                    record(table, "writer_copy_fg", run_writer(dsn, table, rows, "copy", tmp, background=False)[0])
+                with Schema(args.dsn) as dsn:
+                    record(table, "writer_values", run_writer(dsn, table, rows, "values", tmp)[0])
+                with Schema(args.dsn) as dsn:
+                    record(table, "naive", run_naive(dsn, table, naive_rows))
+                with Schema(args.dsn) as dsn:
+                    record(table, "raw_copy", run_raw_copy(dsn, table, rows))
+            for background, key in ((True, "frames_writer"), (False, "frames_writer_fg")):
+                with Schema(args.dsn) as dsn:
+                    record("trades", key, run_writer_frames(dsn, frames, args.rows, tmp, background))
             with Schema(args.dsn) as dsn:
-                r["writer_copy"], st = run_writer(dsn, table, rows, "copy", tmp)
-                r["writer_copy_batches"] = st["batches"]
-            with Schema(args.dsn) as dsn:
-                r["writer_copy_fg"], _ = run_writer(dsn, table, rows, "copy", tmp, background=False)
-            with Schema(args.dsn) as dsn:
-                r["writer_values"], _ = run_writer(dsn, table, rows, "values", tmp)
-            with Schema(args.dsn) as dsn:
-                r["naive"] = run_naive(dsn, table, naive_rows)
-            with Schema(args.dsn) as dsn:
-                r["raw_copy"] = run_raw_copy(dsn, table, rows)
-        with Schema(args.dsn) as dsn:
-            replay = run_replay(dsn, args.replay_rows, tmp)
+                replays.append(run_replay(dsn, args.replay_rows, tmp))
+            shutil.rmtree(tmp / "replay-spool", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"{'table':<22}{'path':<16}{'rows/s':>12}{'x naive':>10}{'/ raw COPY':>12}")
+    results = {t: {k: statistics.median(v) for k, v in r.items()} for t, r in runs.items()}
+    replay = sorted(replays, key=lambda r: r["replay_s"])[len(replays) // 2]
+    print(f"median of {args.rounds} interleaved round(s); naive = one INSERT + COMMIT per row")
+    print(f"{'table':<22}{'path':<18}{'rows/s':>10}{'x naive':>9}{'/ raw COPY':>12}   all rounds")
     for table, r in results.items():
-        for path in ("writer_copy", "writer_copy_fg", "writer_values", "naive", "raw_copy"):
-            print(f"{table:<22}{path:<16}{r[path]:>12,.0f}{r[path] / r['naive']:>10.1f}{r[path] / r['raw_copy']:>12.2f}")
+        for path in ("writer_copy", "writer_copy_fg", "writer_values", "naive", "raw_copy", "frames_writer",
+                     "frames_writer_fg"):
+            if path not in r:
+                continue
+            every = " ".join(f"{v:,.0f}" for v in runs[table][path])
+            print(f"{table:<22}{path:<18}{r[path]:>10,.0f}{r[path] / r['naive']:>9.1f}"
+                  f"{r[path] / r['raw_copy']:>12.2f}   {every}")
     print(f"spool replay: {replay['rows']:,} trade rows ({replay['spool_bytes'] / 1e6:.1f} MB spooled in "
-          f"{replay['spool_s']:.2f} s) replayed in {replay['replay_s']:.2f} s = {replay['replay_rows_per_s']:,} rows/s")
+          f"{replay['spool_s']:.2f} s) replayed in {replay['replay_s']:.2f} s = {replay['replay_rows_per_s']:,} rows/s"
+          f" (all rounds: {', '.join('%.2f s' % r['replay_s'] for r in replays)})")
     summary = {
-        "rows": args.rows, "naive_rows": args.naive_rows, "book_rows": args.book_rows,
-        **{f"{t}_{k}": (round(v) if isinstance(v, float) else v) for t, r in results.items() for k, v in r.items()},
+        "rounds": args.rounds, "rows": args.rows, "naive_rows": args.naive_rows, "book_rows": args.book_rows,
+        **{f"{t}_{k}": round(v) for t, r in results.items() for k, v in r.items()},
         "trades_copy_vs_naive": round(results["trades"]["writer_copy"] / results["trades"]["naive"], 1),
         "trades_copy_vs_values": round(results["trades"]["writer_copy"] / results["trades"]["writer_values"], 2),
+        "books_copy_vs_naive": round(results["orderbook_snapshots"]["writer_copy"]
+                                     / results["orderbook_snapshots"]["naive"], 1),
         "replay": replay,
+        "replay_s_all": [r["replay_s"] for r in replays],
     }
     print(json.dumps(summary))
     return 0
