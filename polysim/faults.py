@@ -138,11 +138,6 @@ class Faults:
                 return f
         return None
 
-    def any(self, surface: str, kind: str) -> bool:
-        """Whether a fault of this kind is active (without consuming it)."""
-        return bool(self.items) and any(f.kind == kind and f.surface in (surface, "all")
-                                        for f in self.active())
-
     def describe(self) -> list[dict]:
         now = self.clock()
         return [f.describe(now) for f in self.active()]
