@@ -114,6 +114,9 @@ def _wait_gone(probe: pidfile.Probe, pidfd: int, timeout: float) -> bool:
             return True
         again = pidfile.probe(probe.path)
         if again.holder != probe.holder:
+            # Lock released: the daemon is in its last steps (interpreter exit).
+            # Give it a moment to be gone too, so nothing of it outlives `stop`.
+            select.select([pidfd], [], [], max(0.0, min(2.0, deadline - time.monotonic())))
             return True
         left = deadline - time.monotonic()
         if left <= 0:

@@ -11,7 +11,8 @@ Launcher side of `start`, in order:
      end of file or timeout -> exit 1 naming the log file.
 
 Daemon side (serve(), the same code as `start --foreground`), in order:
-  umask 027, chdir /, stdio to /dev/null (daemon only); create the directories
+  umask 027, chdir /, stdio to /dev/null, every other inherited fd closed
+  (daemon only); create the directories
   (owned by the configured user when started as root); open, lock and write the
   PID file; switch user; construct the Supervisor and run it. Its on_ready
   callback (children spawned) writes "ready". When run() returns, the PID file is
@@ -79,6 +80,12 @@ def serve(config: Config, *, foreground: bool, notifier: _Notifier | None = None
         pf.write()
         if notifier is not None:
             notifier.send(f"pid {os.getpid()}")
+        warning = privileges.runtime_warning(ident)
+        if warning:
+            if notifier is not None:
+                notifier.send(f"warn {warning}")
+            else:
+                print(f"collectord: warning: {warning}", file=sys.stderr)
         privileges.drop(ident)
 
         def on_ready(*_args, **_kwargs) -> None:
@@ -113,6 +120,19 @@ def _crash_log(config: Config, text: str) -> None:
         pass
 
 
+def _close_inherited(keep: set[int]) -> None:
+    """Close every fd the launcher's own parent handed down (a shell's pipe, a
+    test runner's saved stdout): a daemon holding them would keep its caller's
+    pipes open for as long as it runs."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own fd, already gone
+
+
 def _daemon_body(config: Config, notify_fd: int) -> int:
     """The grandchild: hygiene, then serve(); every failure goes down the pipe as one line."""
     notifier = _Notifier(notify_fd)
@@ -126,6 +146,7 @@ def _daemon_body(config: Config, notify_fd: int) -> int:
             os.dup2(null, fd)
         if null > 2:
             os.close(null)
+        _close_inherited(keep={0, 1, 2, notify_fd})
         code = serve(config, foreground=False, notifier=notifier)
         if not notifier.done:
             notifier.finish(f"error 1 supervisor exited with code {code} before it was ready (see {config.logfile})")
@@ -204,6 +225,9 @@ def start(config: Config, *, ready_timeout: float = READY_TIMEOUT, out=None) -> 
             word, _, rest = line.partition(" ")
             if word == "pid":
                 state["pid"] = int(rest) if rest.isdigit() else None
+                return False
+            if word == "warn":
+                print(f"collectord: warning: {rest}", file=sys.stderr)
                 return False
             if word == "ready":
                 state["result"] = (0, None)

@@ -164,6 +164,52 @@ def prepare(config: Config, ident: Identity) -> None:
             os.chown(config.logfile, *ident.owner, follow_symlinks=False)
 
 
+def _can_enter(path: str, ident: Identity, groups: set[int], *, read: bool) -> bool:
+    """Whether ident could reach path (x on every ancestor; r+x on path when read)."""
+    parts = Path(path).resolve().parts
+    current = Path(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        current = current / part
+        try:
+            st = os.stat(current)
+        except OSError:
+            return False
+        need = stat.S_IXUSR | (stat.S_IRUSR if read and i == len(parts) - 1 else 0)
+        if st.st_uid == ident.uid:
+            bits = st.st_mode & 0o700
+        elif st.st_gid in groups:
+            bits = (st.st_mode & 0o070) << 3
+        else:
+            bits = (st.st_mode & 0o007) << 6
+        if bits & need != need:
+            return False
+    return True
+
+
+def runtime_warning(ident: Identity) -> str | None:
+    """A one-line warning when the account cannot read the Python installation.
+
+    The running interpreter goes on after the switch, but any module first
+    imported later (by a collector, in a child) would fail with a puzzling
+    ImportError. Checked before the switch, from the permission bits.
+    """
+    if not ident.switch or ident.uid == 0:
+        return None
+    groups = {ident.gid}
+    try:
+        groups.update(os.getgrouplist(ident.name, ident.gid))
+    except OSError:
+        pass
+    stdlib = os.path.dirname(os.__file__)
+    for path in (stdlib, str(Path(__file__).resolve().parent)):
+        if not _can_enter(path, ident, groups, read=True):
+            return (
+                f"user {ident.name!r} cannot read {path}: modules imported after the switch will fail; "
+                "install Python and collectord where that user can read them"
+            )
+    return None
+
+
 def drop(ident: Identity) -> None:
     """Become the account for good: supplementary groups, gid, then uid (that order).
 
