@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -65,20 +63,29 @@ class Invalid(ValueError):
     """One event failed validation (caught inside parse(); never escapes it)."""
 
 
-@dataclass
 class Parsed:
-    """What one frame held. Counters are per frame; the caller adds them up."""
+    """What one frame held. Counters are plain dicts, per frame; the caller adds them up.
 
-    trades: list[dict] = field(default_factory=list)
-    books: list[dict] = field(default_factory=list)  # {asset_id, market, ts, hash, tick_size|None}
-    ticks: list[dict] = field(default_factory=list)  # {asset_id, market, tick_size, ts}
-    markets: list[dict] = field(default_factory=list)  # new_market / market_resolved, normalised
-    events: Counter = field(default_factory=Counter)  # valid events by type (incl. price_change, best_bid_ask)
-    skipped: Counter = field(default_factory=Counter)  # "invalid:<type>", "unknown_type:<type>", "not_json", ...
-    unknown_fields: Counter = field(default_factory=Counter)  # "<type>.<field>"
-    pong: bool = False
-    text: str | None = None  # a plain-text frame other than PONG
-    errors: list[str] = field(default_factory=list)  # first few reasons, for rate-limited logging
+    (A plain class with slots: one is built per frame, on the hot path.)
+    """
+
+    __slots__ = ("trades", "books", "ticks", "markets", "events", "skipped", "unknown_fields", "pong", "text",
+                 "errors")
+
+    def __init__(self) -> None:
+        self.trades: list[dict] = []
+        self.books: list[dict] = []  # {asset_id, market, ts, hash, tick_size|None}
+        self.ticks: list[dict] = []  # {asset_id, market, tick_size, ts}
+        self.markets: list[dict] = []  # new_market / market_resolved, normalised
+        self.events: dict[str, int] = {}  # valid events by type (incl. price_change, best_bid_ask)
+        self.skipped: dict[str, int] = {}  # "invalid:<type>", "unknown_type:<type>", "not_json", ...
+        self.unknown_fields: dict[str, int] = {}  # "<type>.<field>"
+        self.pong = False
+        self.text: str | None = None  # a plain-text frame other than PONG
+        self.errors: list[str] = []  # first few reasons, for rate-limited logging
+
+    def count(self, counter: dict, key: str) -> None:
+        counter[key] = counter.get(key, 0) + 1
 
 
 def canon_decimal(value: Any) -> str:
@@ -131,7 +138,8 @@ def _condition(value: Any) -> str:
 
 def _price(value: Any) -> str:
     text = canon_decimal(value)
-    if Decimal(text) > 1:
+    # Canonical text has no leading zeros: at most 1 means "1" or "0..." (no Decimal needed).
+    if text[0] != "0" and text != "1":
         raise Invalid(f"price above 1: {value!r}")
     return text
 
@@ -166,14 +174,23 @@ def _trade(msg: dict) -> dict:
     }
 
 
+_LEVEL_PRICE = re.compile(r"(?:0?\.[0-9]+|0|1(?:\.0*)?)")  # a decimal string in [0, 1]
+_LEVEL_SIZE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
 def _levels(levels: Any) -> None:
+    """Book levels: a list of {price, size} decimal strings, price within [0, 1].
+
+    Checked by pattern only (books are not stored by this listener and one refresh
+    can carry hundreds of levels; the orderbooks collector keeps books from REST).
+    """
     if not isinstance(levels, list):
         raise Invalid("levels not a list")
+    price_ok, size_ok = _LEVEL_PRICE.fullmatch, _LEVEL_SIZE.fullmatch
     for level in levels:
-        if not isinstance(level, dict):
-            raise Invalid("level not an object")
-        _price(level.get("price"))
-        canon_decimal(level.get("size"))
+        if not (type(level) is dict and type(p := level.get("price")) is str and price_ok(p)
+                and type(z := level.get("size")) is str and size_ok(z)):
+            raise Invalid(f"bad level: {str(level)[:60]}")
 
 
 def _book(msg: dict) -> dict:
@@ -275,12 +292,12 @@ def _market_event(msg: dict, kind: str) -> dict:
 def _one(msg: Any, out: Parsed) -> None:
     """Validate one object and append what it yields to out (all or nothing)."""
     if not isinstance(msg, dict):
-        out.skipped["not_object"] += 1
+        out.count(out.skipped, "not_object")
         return
     kind = msg.get("event_type")
     known = KNOWN_FIELDS.get(kind) if type(kind) is str else None
     if known is None:
-        out.skipped[f"unknown_type:{str(kind)[:40]}"] += 1
+        out.count(out.skipped, f"unknown_type:{str(kind)[:40]}")
         return
     try:
         if kind == "last_trade_price":
@@ -297,15 +314,15 @@ def _one(msg: Any, out: Parsed) -> None:
         else:
             out.markets.append(_market_event(msg, kind))
     except (Invalid, TypeError, ValueError, AttributeError, InvalidOperation) as err:
-        out.skipped[f"invalid:{kind}"] += 1
+        out.count(out.skipped, f"invalid:{kind}")
         if len(out.errors) < 3:
             out.errors.append(f"{kind}: {err}"[:200])
         return
-    out.events[kind] += 1
+    out.count(out.events, kind)
     if not known.issuperset(msg):
         for key in msg:
             if key not in known:
-                out.unknown_fields[f"{kind}.{str(key)[:40]}"] += 1
+                out.count(out.unknown_fields, f"{kind}.{str(key)[:40]}")
 
 
 def parse(text: str | bytes) -> Parsed:
@@ -321,11 +338,11 @@ def parse(text: str | bytes) -> Parsed:
                 out.pong = True
             else:
                 out.text = stripped[:200]
-                out.skipped["text"] += 1
+                out.count(out.skipped, "text")
             return out
         data = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        out.skipped["not_json"] += 1
+        out.count(out.skipped, "not_json")
         out.errors.append(f"not JSON: {err}"[:200])
         return out
     if isinstance(data, list):

@@ -1,0 +1,227 @@
+"""Ingest: trades/s one trades process commits to PostgreSQL, and publish-to-commit delay.
+
+One run, in order:
+  1. start polysim (`--trade-rate R` fills/s across `--markets` markets) on a free
+     loopback port, and a fresh schema in the database (`--dsn`, default
+     $COLLECTORD_TEST_DSN), migrated;
+  2. follow every open market (followed_tokens), construct a TradesCollector with its
+     default timings and fork it (one process, one shard);
+  3. once live trades arrive, warm up `--warmup` s, then for `--seconds` s a monitor
+     polls the table every `--poll` s: count(*) of live rows at the window's ends gives
+     the committed rate; the new rows of a sample of tokens (1 in `--sample`) are
+     fetched with their time of first visibility, which is an upper bound of their
+     commit time (at most one poll interval + one query late);
+  4. each sampled row is matched to its ledger trade (token, tx, price, size, side,
+     ordinal numbered in ledger order) to get polysim's publish time:
+     delay = first visibility - publish time (both on this machine's wall clock);
+  5. SIGTERM the collector, check it exited 0, drop the schema, stop polysim.
+Published trades/s over the same window come from the ledger, so "kept up" is visible:
+committed ~= published means the limit is polysim's rate, not ours; raise --trade-rate.
+
+    .venv/bin/python -m bench ingest [--trade-rate 20000] [--markets 50] [--seconds 10] [--quick]
+
+Prints a table, then one JSON line. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+import uuid
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import psycopg2  # noqa: E402
+
+from workers.messages import canon_decimal  # noqa: E402
+from workers.storage import migrate  # noqa: E402
+from workers.trades import TradesCollector  # noqa: E402
+
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+
+
+def start_polysim(markets: int, rate: float) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "polysim", "--port", "0", "--markets", str(markets), "--seed", "1",
+           "--trade-rate", str(rate), "--closed-markets", "0", "--multi-fill", "0.1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            line = proc.stdout.readline()
+            if line.startswith("polysim listening on "):
+                return proc, int(line.strip().rsplit(":", 1)[1])
+            if not line:
+                break
+    proc.kill()
+    raise SystemExit("polysim did not start")
+
+
+def get(port: int, path: str, timeout: float = 120.0):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def with_schema(dsn: str, schema: str) -> str:
+    return f"{dsn} options='-csearch_path={schema}'"
+
+
+def follow(port: int, dsn: str) -> list[str]:
+    tokens, cursor = [], None
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        while True:
+            page = get(port, "/gamma/markets/keyset?closed=false&limit=100" + (f"&after_cursor={cursor}" if cursor else ""))
+            for m in page["markets"]:
+                for token, outcome in zip(json.loads(m["clobTokenIds"]), json.loads(m["outcomes"])):
+                    cur.execute("INSERT INTO followed_tokens (token_id, market_id, condition_id, outcome, since)"
+                                " VALUES (%s, %s, %s, %s, now()) ON CONFLICT DO NOTHING",
+                                (token, m["id"], m["conditionId"], outcome))
+                    tokens.append(token)
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+    conn.close()
+    return tokens
+
+
+def fork_collector(port: int, dsn: str, data_dir: str) -> int:
+    base = f"http://127.0.0.1:{port}"
+    collector = TradesCollector(name="trades.0", dsn=dsn, data_dir=data_dir, ws_url=f"ws://127.0.0.1:{port}/ws/market",
+                                data_url=base + "/data", gamma_url=base + "/gamma", clob_url=base + "/clob",
+                                backfill_delay="1", refresh_interval="2")
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: collector.stop())
+            collector.run()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench ingest", description=__doc__.split("\n")[0])
+    ap.add_argument("--dsn", default=os.environ.get("COLLECTORD_TEST_DSN", DEFAULT_DSN))
+    ap.add_argument("--trade-rate", type=float, default=20000.0)
+    ap.add_argument("--markets", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--poll", type=float, default=0.02)
+    ap.add_argument("--sample", type=int, default=8, help="sample 1 in N tokens for delays")
+    ap.add_argument("--quick", action="store_true", help="small and short (CI)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.trade_rate, args.markets, args.seconds, args.warmup = 500.0, 10, 2.0, 1.0
+
+    schema = "bench_ingest_" + uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(args.dsn)
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE SCHEMA "{schema}"')
+    dsn = with_schema(args.dsn, schema)
+    proc, port = start_polysim(args.markets, args.trade_rate)
+    pid = None
+    data_dir = f"/tmp/{schema}"
+    try:
+        migrate(dsn)
+        tokens = follow(port, dsn)
+        sample = sorted(tokens)[:: max(1, args.sample)]
+        pid = fork_collector(port, dsn, data_dir)
+        mon = psycopg2.connect(dsn)
+        mon.autocommit = True
+        cur = mon.cursor()
+
+        def live_count() -> int:
+            cur.execute("SELECT count(*) FROM trades WHERE source = 'ws'")
+            return cur.fetchone()[0]
+
+        deadline = time.monotonic() + 30
+        while live_count() == 0:
+            if time.monotonic() > deadline:
+                raise SystemExit("no live trades within 30 s")
+            time.sleep(0.1)
+        time.sleep(args.warmup)
+        cur.execute("SELECT max(received_at) FROM trades")
+        watermark = cur.fetchone()[0]
+        t_start, n_start = time.time(), live_count()
+        seen: dict[tuple, float] = {}
+        end = time.monotonic() + args.seconds
+        polls = 0
+        while time.monotonic() < end:
+            cur.execute("SELECT token_id, tx_hash, price, size, side, ordinal, received_at FROM trades"
+                        " WHERE source = 'ws' AND received_at > %s AND token_id = ANY(%s)", (watermark, sample))
+            now = time.time()
+            for token, tx, price, size, side, ordinal, received in cur.fetchall():
+                seen.setdefault((token, tx, canon_decimal(str(price)), canon_decimal(str(size)), side, ordinal), now)
+                if received > watermark:
+                    watermark = received
+            polls += 1
+            time.sleep(args.poll)
+        t_end, n_end = time.time(), live_count()
+        ledger = get(port, "/_sim/ledger")["trades"]
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        pid = None
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        proc.terminate()
+        proc.wait(10)
+        admin.cursor().execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.close()
+        subprocess.run(["rm", "-rf", data_dir], check=False)
+
+    published_ms: dict[tuple, int] = {}
+    ordinals: Counter = Counter()
+    published_in_window = 0
+    for t in ledger:
+        k = (t["asset_id"], t["transaction_hash"], canon_decimal(t["price"]), canon_decimal(t["size"]), t["side"])
+        published_ms[k + (ordinals[k],)] = t["published_ms"]
+        ordinals[k] += 1
+        if t_start * 1000 <= t["published_ms"] < t_end * 1000:
+            published_in_window += 1
+    delays = [(seen_at - published_ms[k] / 1000) * 1000 for k, seen_at in seen.items() if k in published_ms]
+    window = t_end - t_start
+    committed = (n_end - n_start) / window
+    published = published_in_window / window
+    result = {
+        "bench": "ingest", "trade_rate": args.trade_rate, "markets": args.markets, "tokens": len(tokens),
+        "window_s": round(window, 2), "published_per_s": round(published), "committed_per_s": round(committed),
+        "kept_up": committed >= 0.95 * published,
+        "delay_ms_p50": round(pct(delays, 0.50), 1), "delay_ms_p99": round(pct(delays, 0.99), 1),
+        "delay_ms_max": round(max(delays), 1) if delays else None, "delay_samples": len(delays),
+        "unmatched_samples": len(seen) - len(delays), "monitor_polls": polls, "poll_s": args.poll,
+        "collector_exit": status,
+    }
+    print(f"polysim {args.trade_rate:,.0f} fills/s requested over {len(tokens)} tokens; window {window:.1f} s")
+    print(f"{'published/s':>12} {'committed/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'samples':>8}")
+    print(f"{published:12,.0f} {committed:12,.0f} {result['delay_ms_p50']:8.1f} {result['delay_ms_p99']:8.1f} "
+          f"{result['delay_ms_max'] or float('nan'):8.1f} {len(delays):8d}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
