@@ -203,7 +203,9 @@ def status_lines(doc: dict, now: float) -> list[str]:
         state = str(child.get("state") or "?")
         if state == "BACKOFF" and child.get("next_start_in") is not None:
             state += f" ({_age(child['next_start_in'])})"
-        last_error = counters.get("last_error") or (child.get("last_exit") if state.startswith(("BACKOFF", "FATAL")) else None)
+        last_exit = child.get("last_exit")
+        # A plain class reports no counters: its last abnormal exit is its last error.
+        last_error = counters.get("last_error") or (last_exit if last_exit and last_exit != "exit 0" else None)
         rows.append(
             [
                 str(child.get("name", "?")),
@@ -290,11 +292,11 @@ def _check_database(config: Config) -> tuple[bool, str]:
         if not dsn:
             return True, f"database: embedded PostgreSQL under {config.pgdata} (started by `collectord start`; not running now)"
     try:
-        from workers.storage import db
+        from workers import storage
     except ImportError as err:
         return False, f"database: cannot load the storage module ({err})"
     try:
-        conn = db.connect(dsn, application_name="collectord check", statement_timeout=10, connect_timeout=5)
+        conn = storage.connect(dsn, application_name="collectord check", statement_timeout=10, connect_timeout=5)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return False, f"database: FAILED {redact_dsn(dsn)}: {redact_dsn(first)}"
@@ -324,8 +326,11 @@ def _check_exchange(config: Config) -> tuple[bool, str]:
         Client = None
     try:
         if Client is not None:
-            client = Client(timeout=(3.05, 10), retries=1)
-            client.get_json(url, params={"limit": 1})
+            client = Client(timeout=(3.05, 10), rate=0, retries=1, deadline=25)
+            try:
+                client.get_json(url, params={"limit": 1})
+            finally:
+                client.close()
         else:
             import requests
 
@@ -369,15 +374,18 @@ def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
         if not dsn:
             from workers.storage import embedded as embedded_mod
 
-            embedded = embedded_mod.start(config.data_dir)
-            dsn = embedded.uri if hasattr(embedded, "uri") else str(embedded)
+            try:
+                embedded = embedded_mod.start(config.pgdata)
+            except Exception as err:
+                raise CollectordError(f"db upgrade: {err}") from None
+            dsn = embedded.uri
         try:
             applied = storage.migrate(dsn)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CollectordError(f"db upgrade failed on {redact_dsn(dsn)}: {redact_dsn(first)}") from None
     finally:
-        if embedded is not None and hasattr(embedded, "stop"):
+        if embedded is not None:
             embedded.stop()
     if applied:
         print(f"applied migrations {', '.join(f'{v:04d}' for v in applied)} to {redact_dsn(dsn)}", file=out)

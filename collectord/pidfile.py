@@ -270,6 +270,12 @@ class PidFile:
                     if err.errno not in (errno.EACCES, errno.EAGAIN):
                         raise PidFileError(f"cannot lock PID file {self.path}: {err.strerror}") from None
                     holder = _holder_of(fd)
+                    info = process_info(holder) if holder else None
+                    if info is not None and not info.is_collectord:
+                        raise PidFileError(
+                            f"PID file {self.path} is locked by pid {holder}, which is not collectord "
+                            f"({info.title[:60]!r}); refusing"
+                        ) from None
                     raise AlreadyRunning(
                         f"already running (pid {holder})" if holder else f"already running (PID file {self.path} is locked)"
                     ) from None
