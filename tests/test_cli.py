@@ -48,7 +48,8 @@ def test_status_table_and_json_while_running(env):
     def ticked():
         code, doc = _status_json(env)
         tick = [c for c in doc.get("children", []) if c["name"] == "tick"]
-        return doc if code == 0 and tick and tick[0]["counters"].get("rows_written", 0) > 0 else None
+        running = all(c["state"] == "RUNNING" for c in doc.get("children", []))
+        return doc if code == 0 and running and tick and tick[0]["counters"].get("rows_written", 0) > 0 else None
 
     doc = wait_for(ticked, 15, every=0.2)
     assert doc, "the Ticker's rows never reached status.json"
