@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from workers import payload as p
@@ -24,6 +24,7 @@ from workers.polling import PollingWorker, chunks, utcnow
 log = logging.getLogger(__name__)
 
 TABLE = "orderbook_snapshots"
+_ZERO, _ONE = Decimal(0), Decimal(1)
 # Field order of OrderBookSummary: the exchange's hash covers the object in this order.
 HASH_FIELDS = ("market", "asset_id", "timestamp", "hash", "bids", "asks", "min_order_size", "tick_size",
                "neg_risk", "last_trade_price")
@@ -33,6 +34,25 @@ def book_hash(obj: dict) -> str:
     """The exchange's book hash: SHA-1 of compact JSON of the summary with hash = ""."""
     body = {k: ("" if k == "hash" else obj[k]) for k in HASH_FIELDS if k in obj}
     return hashlib.sha1(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def _level_values(raw_price: Any, raw_size: Any, side: str) -> tuple[Decimal, Decimal]:
+    """(price, size) of one level, exact. Strings (what the CLOB sends) take a fast path."""
+    if type(raw_price) is str and type(raw_size) is str:
+        try:
+            price, size = Decimal(raw_price), Decimal(raw_size)
+        except InvalidOperation:
+            raise PayloadError(f"{side}: not a decimal: {raw_price[:20]!r} / {raw_size[:20]!r}") from None
+        if not (price.is_finite() and size.is_finite()):
+            raise PayloadError(f"{side}: not finite: {raw_price[:20]!r} / {raw_size[:20]!r}")
+    else:
+        price = p.decimal(raw_price, f"{side}.price", empty_ok=False)
+        size = p.decimal(raw_size, f"{side}.size", empty_ok=False)
+    if not (_ZERO <= price <= _ONE):
+        raise PayloadError(f"{side}.price: outside [0, 1]: {price}")
+    if size < 0:
+        raise PayloadError(f"{side}: negative size {size}")
+    return price, size
 
 
 def _levels(value: Any, side: str) -> list[tuple[Decimal, Decimal, str, str]]:
@@ -48,22 +68,19 @@ def _levels(value: Any, side: str) -> list[tuple[Decimal, Decimal, str, str]]:
     out = []
     seen = set()
     for level in value:
-        if isinstance(level, dict):
+        if type(level) is dict:
             raw_price, raw_size = level.get("price"), level.get("size")
         elif isinstance(level, (list, tuple)) and len(level) == 2:
             raw_price, raw_size = level
         else:
             raise PayloadError(f"{side}: bad level {str(level)[:60]}")
-        price = p.price(raw_price, f"{side}.price", empty_ok=False)
-        size = p.decimal(raw_size, f"{side}.size", empty_ok=False)
-        if size < 0:
-            raise PayloadError(f"{side}: negative size {size}")
+        price, size = _level_values(raw_price, raw_size, side)
         if price in seen:
             raise PayloadError(f"{side}: price {price} listed twice")
         seen.add(price)
         if size == 0:
             continue
-        out.append((price, size, p.text(price), p.text(size)))
+        out.append((price, size, format(price, "f"), format(size, "f")))
     out.sort(key=lambda lv: lv[0], reverse=(side == "bids"))
     return out
 
