@@ -95,6 +95,11 @@ def test_custom_feature_events():
     assert event["kind"] == "market_resolved" and event["winning_outcome"] == "Yes"
     assert event["winning_token_id"].startswith("7604307375665367822637")
     assert event["condition_id"] == "0x311d0c4b6671ab54af4970c06fcf58662516f5168997bdda209ec3db5aa6b0c1"
+    void = dict(json.loads(resolved), winning_asset_id="", winning_outcome="")
+    event = parse(json.dumps(void)).markets[0]
+    assert event["winning_token_id"] is None and event["winning_outcome"] is None
+    wrong = dict(json.loads(resolved), winning_asset_id="123")
+    assert parse(json.dumps(wrong)).skipped == {"invalid:market_resolved": 1}
 
 
 def test_arrays_text_frames_and_garbage():

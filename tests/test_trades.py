@@ -71,6 +71,7 @@ def start(sim, dsn: str, tmp_path, **options) -> int:
     opts = dict(FAST)
     opts.update({k: str(v) for k, v in options.items()})
     shard, shards = int(opts.pop("shard", 0)), int(opts.pop("shards", 1))
+    status_fd = int(opts.pop("status_fd", -1))
     collector = TradesCollector(name=f"trades.{shard}", dsn=dsn, data_dir=str(tmp_path), ws_url=sim.ws_url,
                                 data_url=sim.data_url, gamma_url=sim.gamma_url, clob_url=sim.clob_url,
                                 shard=shard, shards=shards, **opts)
@@ -79,6 +80,8 @@ def start(sim, dsn: str, tmp_path, **options) -> int:
         code = 0
         try:
             signal.signal(signal.SIGTERM, lambda *_: collector.stop())
+            if status_fd >= 0:
+                collector.attach_supervisor(status_fd)
             collector.run()
         except BaseException:
             traceback.print_exc()
@@ -177,35 +180,72 @@ def test_steady_run_every_trade_once_and_market_events_once(polysim, db, tmp_pat
         # The start gap (followed since an hour ago) was backfilled and recorded.
         gaps = gap_rows(db)
         assert gaps and all(g[3] == "start" and g[4] is not None for g in gaps)
-        events = query(db, "SELECT kind, market_id, count(*) FROM market_events GROUP BY 1, 2")
-        assert events and all(n == 1 for _, _, n in events)
-        assert {k for k, _, _ in events} <= {"new_market", "market_resolved"}
+        # Resolutions announced on the sockets agree with Gamma (stored once: the key).
+        resolved = wait_for(lambda: query(db, "SELECT market_id, winning_token_id FROM market_events"
+                                              " WHERE kind = 'market_resolved'"), 15, what="a market_resolved")
+        for market_id, winner in resolved:
+            (market,) = sim.get(f"/gamma/markets?id={market_id}&closed=true")
+            prices = dict(zip(json.loads(market["clobTokenIds"]), json.loads(market["outcomePrices"])))
+            assert (prices[winner] == "1") if winner else set(prices.values()) == {"0.5"}
     finally:
         assert stop(pid) == 0
 
 
-@pytest.mark.parametrize("fault", [
-    dict(surface="ws", kind="drop"),
-    dict(surface="ws", kind="stall", seconds=3),
-    dict(surface="ws", kind="pong_withheld", duration=2.5),
-])
-def test_socket_faults_lose_nothing(polysim, db, tmp_path, fault):
+class StatusPipe:
+    """The supervisor's end of the status pipe: the last {"status": ...} the child sent."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.buf = b""
+        self.last: dict = {}
+
+    def read(self) -> dict:
+        try:
+            while chunk := os.read(self.r, 65536):
+                self.buf += chunk
+        except BlockingIOError:
+            pass
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if "status" in msg:
+                self.last = msg["status"]
+        return self.last
+
+
+@pytest.mark.parametrize("fault,options,reason", [
+    (dict(surface="ws", kind="drop"), {}, "disconnect"),
+    # Pings rarer than the stall timeout: the silence itself must be noticed.
+    (dict(surface="ws", kind="stall", seconds=3), dict(ping_interval=5, pong_timeout=5, stall_timeout=1.5), "stall"),
+    (dict(surface="ws", kind="pong_withheld", duration=2.5), {}, "pong"),
+], ids=["drop", "stall", "pong_withheld"])
+def test_socket_faults_lose_nothing(polysim, db, tmp_path, fault, options, reason):
     sim = polysim(markets=8, seed=5, trade_rate=40.0, multi_fill=0.5)
     tokens = follow(sim, db)
-    pid = start(sim, db, tmp_path, assets_per_socket=6)
+    status = StatusPipe()
+    pid = start(sim, db, tmp_path, assets_per_socket=6, status_fd=status.w, **options)
+    os.close(status.w)
     try:
         wait_for(lambda: live_trades(db) > 20, 20, what="live trades")
+        wait_for(lambda: status.read().get("sockets_connected") == 3, 10, what="3 sockets connected")
         sim.faults(**fault)
-        # The fault opens gaps (drop/stall/pong), which are closed and recovered.
-        wait_for(lambda: any(g[3] in ("disconnect", "stall", "pong") for g in gap_rows(db)), 15,
-                 what="a gap from the fault")
+        # The fault opens gaps of its kind, which are closed and recovered.
+        wait_for(lambda: any(g[3] == reason for g in gap_rows(db)), 15, what=f"a {reason} gap")
         before = live_trades(db)
         wait_for(lambda: live_trades(db) > before + 20, 20, what="live trades after reconnect")
         sim.faults(clear=True)
         assert_exactly_once(sim, db, tokens)
         wait_for(lambda: all(g[4] is not None for g in gap_rows(db)), 15, what="every gap recovered")
+        counters = wait_for(lambda: (s := status.read()).get("gaps_open") == 0 and s.get("sockets_connected") == 3
+                            and s, 15, what="status: all connected, no gap open")
+        assert counters["reconnects"] >= 3 and counters["gaps_recovered"] >= len(tokens)
+        assert counters["trades_received"] > 40 and counters["rows_written"] > 0
+        assert [row[1] for row in counters["socket_status"]] == [1, 1, 1]
+        assert all(row[2] is not None and row[2] < 5 for row in counters["socket_status"])
     finally:
         assert stop(pid) == 0
+        os.close(status.r)
 
 
 def test_kill9_mid_run_then_restart_loses_nothing(polysim, db, tmp_path):
@@ -246,3 +286,32 @@ def test_followed_set_changes_while_running(polysim, db, tmp_path):
         assert_exactly_once(sim, db, kept)
     finally:
         assert stop(pid) == 0
+
+
+def test_two_shards_split_the_tokens_and_store_every_trade_once(polysim, db, tmp_path):
+    sim = polysim(markets=10, seed=19, trade_rate=40.0, multi_fill=0.5, new_market_rate=1.0)
+    tokens = follow(sim, db)
+    pipes = [StatusPipe(), StatusPipe()]
+    pids = [start(sim, db, tmp_path, shard=i, shards=2, status_fd=pipes[i].w) for i in range(2)]
+    for p in pipes:
+        os.close(p.w)
+    try:
+        counts = wait_for(lambda: [p.read().get("tokens") for p in pipes] if all(
+            p.read().get("sockets_connected") for p in pipes) else None, 20, what="both shards connected")
+        assert sum(counts) == len(tokens) and all(0 < n < len(tokens) for n in counts)
+        wait_for(lambda: live_trades(db) > 40, 20, what="live trades")
+        assert_exactly_once(sim, db, tokens)
+        # Each shard's coverage marks name only its own tokens.
+        shards = dict(query(db, "SELECT shard, count(*) FROM feed_coverage GROUP BY shard"))
+        assert set(shards) == {"0/2", "1/2"} and sum(shards.values()) == len(tokens)
+        # Announcements reach both shards' sockets; stored once each, naming real markets.
+        wait_for(lambda: query(db, "SELECT count(*) FROM market_events WHERE kind = 'new_market'")[0][0] > 0, 10,
+                 what="market events")
+        for market_id, condition_id, token_ids in query(
+                db, "SELECT market_id, condition_id, token_ids FROM market_events WHERE kind = 'new_market'"):
+            (market,) = sim.get(f"/gamma/markets?id={market_id}")
+            assert market["conditionId"] == condition_id and json.loads(market["clobTokenIds"]) == token_ids
+    finally:
+        assert [stop(pid) for pid in pids] == [0, 0]
+        for p in pipes:
+            os.close(p.r)

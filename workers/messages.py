@@ -274,11 +274,14 @@ def _market_event(msg: dict, kind: str) -> dict:
     }
     if kind == "market_resolved":
         winner = msg.get("winning_asset_id")
-        event["winning_token_id"] = _token(winner)
-        if winner not in event["asset_ids"]:
-            raise Invalid("winning_asset_id not among assets_ids")
+        if winner in (None, ""):  # a void (50-50) resolution names no winner
+            event["winning_token_id"] = None
+        else:
+            event["winning_token_id"] = _token(winner)
+            if winner not in event["asset_ids"]:
+                raise Invalid("winning_asset_id not among assets_ids")
         outcome = msg.get("winning_outcome")
-        event["winning_outcome"] = outcome if type(outcome) is str else None
+        event["winning_outcome"] = outcome if type(outcome) is str and outcome else None
     else:
         outcomes = msg.get("outcomes")
         if not isinstance(outcomes, list) or len(outcomes) != len(event["asset_ids"]):
