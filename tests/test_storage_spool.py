@@ -334,3 +334,43 @@ def test_sigterm_with_database_down_flushes_to_the_spool(db, proxy, tmp_path):
     w.close()
     got = stored_in_commit_order(db)
     assert len(got) >= 100 and got == list(range(len(got)))
+
+
+def test_bad_row_in_the_spool_is_quarantined_not_poisoning(db, tmp_path):
+    """A spooled batch the database refuses for one row's data: the rest lands, the row is kept aside."""
+    spool = tmp_path / "spool"
+    down = Writer("host=127.0.0.1 port=1 dbname=nowhere", spool, name="q", connect_timeout=1, background=False).open()
+    rows = trades(0, 5)
+    rows[2]["side"] = "HOLD"  # violates the trades CHECK constraint: a data error, not an outage
+    down.add("trades", rows)
+    down.flush()
+    down.add("trades", trades(5, 5))
+    down.flush()
+    down.close()
+    assert down.stats()["rows_spooled"] == 10
+    w = Writer(db, spool, name="q").open()
+    assert wait_until(lambda: w.stats()["spool_segments"] == 0, timeout=20), w.stats()
+    st = w.stats()
+    w.close()
+    assert st["rows_rejected"] == 1 and st["db_ok"]
+    assert stored_in_commit_order(db) == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    import json
+
+    (line,) = (spool / "q" / "rejected.jsonl").read_text().splitlines()
+    rejected = json.loads(line)
+    assert rejected["row"]["side"] == "HOLD" and rejected["row"]["ordinal"] == "2" and "check" in rejected["error"].lower()
+
+
+def test_unmigrated_schema_spools_until_migrated(pg_dsn, tmp_path):
+    """A missing table is the database not being ready, not bad data: rows wait in the spool."""
+    w = Writer(pg_dsn, tmp_path / "spool", name="early", retry_initial=0.05, retry_max=0.1).open()
+    try:
+        w.add("trades", trades(0, 10))
+        w.flush()
+        st = w.stats()
+        assert st["rows_spooled"] == 10 and st["rows_rejected"] == 0 and "UndefinedTable" in st["last_error"]
+        migrate(pg_dsn)
+        assert wait_until(lambda: w.stats()["spool_segments"] == 0, timeout=20), w.stats()
+    finally:
+        w.close()
+    assert stored_in_commit_order(pg_dsn) == list(range(10))
