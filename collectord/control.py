@@ -13,6 +13,7 @@ prints one line and exits with its code). DSN passwords are always redacted.
 from __future__ import annotations
 
 import argparse
+import configparser
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ from collectord.errors import (
     EX_NOTRUNNING,
     EX_OK,
     CollectordError,
+    ConfigError,
     NotRunning,
     StopTimeout,
 )
@@ -42,13 +44,21 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     cli_path = os.path.abspath(args.config) if getattr(args, "config", None) else None
     # Absolute, so the daemon (cwd /) re-reads the same file on SIGHUP.
-    config = config_mod.load(cli_path)
     command = args.command
+    try:
+        config = config_mod.load(cli_path)
+    except ConfigError as err:
+        if command not in ("stop", "status"):
+            raise
+        # A broken config must not keep an operator from stopping or watching the
+        # daemon that runs with the previous one: find its PID file and go on.
+        config = _fallback_config(cli_path, err)
     if command == "start":
         return cmd_start(config, foreground=args.foreground, out=out)
     if command == "stop":
         return cmd_stop(config, timeout=args.timeout, out=out)
     if command == "restart":
+        _validate(config)  # a config that cannot start must not stop the running daemon
         cmd_stop(config, timeout=args.timeout, out=out)
         return cmd_start(config, foreground=False, out=out)
     if command == "reload":
@@ -68,14 +78,49 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     raise CollectordError(f"unknown command {command!r}")
 
 
+def _fallback_config(cli_path: str | None, err: ConfigError) -> Config:
+    """Defaults plus the file's [collectord] pidfile, read leniently; warns on stderr."""
+    path = config_mod.resolve_path(cli_path)
+    pidfile_path = None
+    if path:
+        raw = configparser.ConfigParser(interpolation=None, strict=False)
+        try:
+            raw.read(path, encoding="utf-8")
+            pidfile_path = raw.get("collectord", "pidfile", fallback=None)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            pass
+    text = f"[collectord]\npidfile = {pidfile_path}\n" if pidfile_path and "\n" not in pidfile_path else ""
+    try:
+        config = config_mod.parse(text, path)
+    except ConfigError:
+        config = config_mod.parse("", path)
+    print(f"collectord: warning: {err}; using PID file {config.pidfile}", file=sys.stderr)
+    return config
+
+
 # -- start / stop / reload ------------------------------------------------------------
 
 
-def cmd_start(config: Config, *, foreground: bool, out: TextIO) -> int:
-    """Validate every collector spec (exit 78 on a bad one), then start."""
-    from collectord import daemon, spec
+def _validate(config: Config) -> list:
+    """Every collector constructed once (78 naming the section and key), at least one
+    enabled, and the account to run as resolvable: what start needs before forking."""
+    from collectord import privileges, spec
 
-    spec.validate(config)
+    specs = spec.validate(config)
+    if not specs:
+        raise ConfigError("no collector is enabled (every [collector:NAME] has enabled = no)", path=config.path)
+    privileges.plan(config)
+    return specs
+
+
+def cmd_start(config: Config, *, foreground: bool, out: TextIO) -> int:
+    """Validate (exit 78 on a bad config or collector), then start."""
+    from collectord import daemon
+
+    _validate(config)
+    if not foreground and config.logfile in ("", "-"):
+        print("collectord: warning: logfile = - sends a daemon's log to /dev/null; "
+              "set logfile or use start --foreground", file=sys.stderr)
     if foreground:
         return daemon.foreground(config)
     return daemon.start(config, out=out)
@@ -154,6 +199,10 @@ def cmd_reload(config: Config, *, out: TextIO) -> int:
     probe = pidfile.probe(config.pidfile)
     if not probe.running:
         raise NotRunning("not running" + ("" if not probe.exists else f" ({probe.stale_reason()})"))
+    # The supervisor would keep its old config on a bad one; say so here, with the key.
+    from collectord import spec
+
+    spec.validate(config)
     os.close(_signal_verified(probe, signal.SIGHUP))
     print(f"collectord reloading (SIGHUP sent to pid {probe.holder})", file=out)
     return EX_OK
@@ -348,10 +397,8 @@ def cmd_check(config: Config, *, out: TextIO) -> int:
 
     0 all fine, 1 database or exchange unreachable, 78 config error (raised).
     """
-    from collectord import spec
-
-    specs = spec.validate(config)
-    names = ", ".join(s.name for s in specs) or "none enabled"
+    specs = _validate(config)
+    names = ", ".join(s.name for s in specs)
     print(f"config: ok ({config.path or 'built-in defaults'}; collectors: {names})", file=out)
     ok_db, line_db = _check_database(config)
     print(line_db, file=out)

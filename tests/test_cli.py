@@ -323,3 +323,27 @@ def test_status_lines_render_every_column():
 
 def test_ages():
     assert [control._age(s) for s in (None, 0, 59.9, 61, 3600, 90000)] == ["-", "0s", "59s", "1m01s", "1h00m", "1d01h"]
+
+
+def test_broken_config_neither_stops_nor_blocks_the_running_daemon(env):
+    pid = _start(env)
+    good = env.conf.read_text()
+    env.write(collectors="[collector:picky]\ntarget = tests.cli_targets:Picky\nmode = loud\n")
+    for command in ("restart", "reload"):
+        r = env.cli(command)
+        assert r.returncode == 78 and "[collector:picky], mode:" in r.stderr
+        assert alive(pid) and env.file_pid() == pid  # not stopped, not signalled
+    env.conf.write_text(good.replace("graceful_timeout = 5", "graceful_timeout = later"))
+    s = env.cli("status")
+    assert s.returncode == 0 and "graceful_timeout" in s.stderr  # a warning, the status still shown
+    r = env.cli("stop")
+    assert r.returncode == 0 and r.stdout.startswith(f"collectord stopped (pid {pid}")
+    assert not alive(pid)
+
+
+def test_no_collector_enabled_is_a_config_error(env):
+    env.write(collectors="[collector:sleep]\ntarget = tests.cli_targets:Sleeper\nenabled = no\n")
+    for command in ("start", "check"):
+        r = env.cli(command)
+        assert r.returncode == 78
+        assert r.stderr.strip() == f"collectord: {env.conf}: no collector is enabled (every [collector:NAME] has enabled = no)"

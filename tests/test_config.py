@@ -143,10 +143,11 @@ def _cli(args, env_extra=None):
     )
 
 
-@pytest.mark.parametrize("command", [["status"], ["check"], ["start"], ["stop"], ["db", "upgrade"]])
+@pytest.mark.parametrize("command", [["check"], ["start"], ["start", "--foreground"], ["restart"], ["reload"],
+                                     ["db", "upgrade"]])
 def test_cli_config_error_is_one_line_exit_78(tmp_path, command):
     conf = tmp_path / "bad.conf"
-    conf.write_text("[collectord]\npidfile = /tmp/x.pid\ngraceful_timeout = soon\n")
+    conf.write_text(f"[collectord]\npidfile = {tmp_path}/x.pid\ngraceful_timeout = soon\n")
     r = _cli(["-c", str(conf), *command])
     assert r.returncode == 78, r.stderr
     assert r.stdout == ""
@@ -157,12 +158,28 @@ def test_cli_config_error_is_one_line_exit_78(tmp_path, command):
     )
 
 
+@pytest.mark.parametrize("command,code,said", [(["status"], 3, "collectord is not running"),
+                                                (["stop"], 0, "collectord is not running")])
+def test_cli_stop_and_status_survive_a_broken_config(tmp_path, command, code, said):
+    """An operator who broke the file can still stop / watch the daemon: its PID file
+    is read leniently, the error is a warning."""
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"[collectord]\npidfile = {tmp_path}/run/x.pid\ngraceful_timeout = soon\n")
+    r = _cli(["-c", str(conf), *command])
+    assert r.returncode == code, r.stderr
+    assert r.stdout.strip() == said
+    assert r.stderr.strip() == (
+        f"collectord: warning: {conf}, [collectord], graceful_timeout: expected a number, got 'soon'; "
+        f"using PID file {tmp_path}/run/x.pid"
+    )
+
+
 def test_cli_relative_config_path_is_named_absolute(tmp_path):
     conf = tmp_path / "rel.conf"
     conf.write_text("[restart]\nreset_after = never\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run(
-        [sys.executable, "-m", "collectord", "-c", "rel.conf", "status"],
+        [sys.executable, "-m", "collectord", "-c", "rel.conf", "check"],
         capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path),
     )
     assert r.returncode == 78
@@ -170,7 +187,7 @@ def test_cli_relative_config_path_is_named_absolute(tmp_path):
 
 
 def test_cli_env_config_and_missing_file(tmp_path):
-    r = _cli(["status"], {"COLLECTORD_CONFIG": str(tmp_path / "none.conf")})
+    r = _cli(["check"], {"COLLECTORD_CONFIG": str(tmp_path / "none.conf")})
     assert r.returncode == 78
     assert r.stderr.strip() == f"collectord: {tmp_path / 'none.conf'}: no such file"
 
