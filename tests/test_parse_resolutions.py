@@ -105,3 +105,26 @@ def test_same_outcome_compares_meaning_not_spelling():
     assert resolutions.same_outcome(row, dict(row, payouts=["0.0", "1.00"], updated_at=None))
     assert not resolutions.same_outcome(row, dict(row, payouts=["1", "0"]))
     assert not resolutions.same_outcome(row, dict(row, status="void"))
+
+
+NOW = datetime(2026, 11, 28, 16, tzinfo=UTC)
+
+
+def test_reconcile_write_once_correct_and_withdraw_after_repeated_disputes():
+    obj = load("gamma_market_resolved_wta_2336501.json")
+    final = verdict(obj)
+    assert resolutions.reconcile(final, None, 0, 2, NOW) == ("new", final.row)
+    stored = dict(final.row, payouts=["0", "1"])
+    assert resolutions.reconcile(final, stored, 0, 2, NOW) == ("same", None)
+    flipped = verdict(dict(obj, outcomePrices='["1", "0"]'))
+    action, row = resolutions.reconcile(flipped, stored, 0, 2, NOW)
+    assert action == "corrected" and row["winning_outcome"] == "Hanyu Guo"
+    disputed = verdict(dict(obj, umaResolutionStatus="disputed"))
+    assert resolutions.reconcile(disputed, stored, 0, 2, NOW) == ("disputed", None)  # one poll: maybe a stale cache
+    action, row = resolutions.reconcile(disputed, stored, 1, 2, NOW)
+    assert action == "withdrawn"
+    assert row["status"] == "disputed" and row["winning_token_id"] is None and row["payouts"] is None
+    assert row["updated_at"] == NOW
+    assert resolutions.reconcile(disputed, None, 5, 2, NOW) == ("pending", None)  # nothing stored to withdraw
+    pending = verdict(dict(obj, umaResolutionStatus="proposed"))
+    assert resolutions.reconcile(pending, stored, 0, 2, NOW) == ("pending", None)  # a proposal never erases

@@ -412,3 +412,34 @@ def test_database_down_is_counted_not_a_crash(tmp_path, pg_dsn, quiet_sim):
     finally:
         for w in (markets, prices, orphan):
             w.shutdown()
+
+
+def test_followed_set_replace_is_exact_keeps_since_and_shards(pg_dsn):
+    from workers.storage import Database
+    from workers.storage.followed import followed_tokens, replace_followed, shard_of
+
+    migrate(pg_dsn)
+    db = Database(pg_dsn)
+    t0 = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    big = "9" * 78
+    rows = [{"token_id": t, "market_id": "m1", "condition_id": "0x1", "outcome": o}
+            for t, o in ((big, "Yes"), ("12", "No"))]
+    try:
+        assert replace_followed(db, rows, t0) == (2, 0)
+        later = t0 + timedelta(hours=1)
+        rows2 = [rows[0], {"token_id": "13", "market_id": "m2", "condition_id": "0x2", "outcome": "Yes"}]
+        assert replace_followed(db, rows2, later) == (1, 1)
+        assert dict(query(pg_dsn, "SELECT token_id, since FROM followed_tokens")) == {big: t0, "13": later}
+        assert replace_followed(db, rows2, later) == (0, 0)
+        everything = followed_tokens(db)
+        assert [t.token_id for t in everything] == sorted([big, "13"])
+        assert everything[0]._asdict() == {"token_id": "13", "market_id": "m2", "condition_id": "0x2",
+                                           "outcome": "Yes"}
+        parts = [followed_tokens(db, shard=i, shards=3) for i in range(3)]
+        assert sorted(t.token_id for part in parts for t in part) == sorted([big, "13"])
+        assert all(shard_of(t.token_id, 3) == i for i, part in enumerate(parts) for t in part)
+        assert shard_of(big, 3) == int(big) % 3 and shard_of("13", 1) == 0
+        assert replace_followed(db, [], later) == (0, 2)
+        assert followed_tokens(db) == []
+    finally:
+        db.close()

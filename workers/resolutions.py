@@ -161,6 +161,32 @@ def parse(payload: Any, seen_at: datetime | None = None) -> tuple[p.Parsed, list
     return out, verdicts
 
 
+def reconcile(verdict: Verdict, stored: dict | None, disputed_seen: int, downgrade_after: int,
+              now: datetime) -> tuple[str, dict | None]:
+    """What to write for one verdict, given the stored row -> (action, row or None).
+
+    Actions: "new" (first final verdict: write it), "same" (nothing changed),
+    "corrected" (the exchange now says something else: rewrite), "disputed" (a
+    final row is disputed again: counted, not yet acted on), "withdrawn" (the
+    dispute was seen downgrade_after polls in a row, counting this one: the row
+    becomes status "disputed" with no winner and no payouts until it settles
+    again), "pending" (not final and nothing stored to change).
+    """
+    if verdict.row is not None:
+        if stored is None:
+            return "new", verdict.row
+        if same_outcome(stored, verdict.row):
+            return "same", None
+        return "corrected", verdict.row
+    if verdict.state == "disputed" and stored is not None and stored.get("status") in FINAL:
+        if disputed_seen + 1 >= downgrade_after:
+            return "withdrawn", {"market_id": verdict.market_id, "condition_id": verdict.condition_id,
+                                 "winning_token_id": None, "winning_outcome": None, "payouts": None,
+                                 "status": "disputed", "resolved_at": None, "updated_at": now}
+        return "disputed", None
+    return "pending", None
+
+
 def same_outcome(a: dict, b: dict) -> bool:
     """True when two resolution rows say the same thing (status, winner, payouts)."""
     def norm(row):
@@ -230,27 +256,18 @@ class ResolutionsCollector(PollingWorker):
             for v in verdicts:
                 states[v.state] += 1
                 old = stored.get(v.market_id)
-                if v.row is not None:
-                    self._disputed.pop(v.market_id, None)
-                    if old is None:
-                        rows.append(v.row)
-                    elif not same_outcome(old, v.row):
-                        corrected += 1
-                        log.warning("%s: market %s resolution changed: %s %s -> %s %s", self.name, v.market_id,
-                                    old.get("status"), old.get("winning_outcome"), v.row["status"],
-                                    v.row["winning_outcome"])
-                        rows.append(v.row)
-                elif v.state == "disputed" and old is not None and old.get("status") in FINAL:
-                    seen = self._disputed[v.market_id] = self._disputed.get(v.market_id, 0) + 1
-                    if seen >= self.options["downgrade_after"]:
-                        corrected += 1
-                        log.warning("%s: market %s is disputed again; its resolution is withdrawn", self.name,
-                                    v.market_id)
-                        rows.append({"market_id": v.market_id, "condition_id": v.condition_id,
-                                     "winning_token_id": None, "winning_outcome": None, "payouts": None,
-                                     "status": "disputed", "resolved_at": None, "updated_at": utcnow()})
+                action, row = reconcile(v, old, self._disputed.get(v.market_id, 0), self.options["downgrade_after"],
+                                        utcnow())
+                if action == "disputed":
+                    self._disputed[v.market_id] = self._disputed.get(v.market_id, 0) + 1
                 else:
                     self._disputed.pop(v.market_id, None)
+                if action in ("corrected", "withdrawn"):
+                    corrected += 1
+                    log.warning("%s: market %s resolution %s: %s %s -> %s %s", self.name, v.market_id, action,
+                                old.get("status"), old.get("winning_outcome"), row["status"], row["winning_outcome"])
+                if row is not None:
+                    rows.append(row)
             self.writer.add(TABLE, rows)
             written += len(rows)
         figures.update(checked=len(ids), written=written, corrected=corrected, malformed=malformed,
