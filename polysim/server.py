@@ -312,7 +312,7 @@ class Server:
             await asyncio.sleep(0 if done >= budget else tick)
 
     async def serve(self, ready=None) -> None:
-        self.runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
+        self.runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await self.runner.setup()
         await self._listen()
         loop = asyncio.get_running_loop()
