@@ -21,6 +21,7 @@ import select
 import signal
 import sys
 import time
+import warnings
 from typing import TextIO
 
 from collectord import config as config_mod
@@ -422,7 +423,9 @@ def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
             from workers.storage import embedded as embedded_mod
 
             try:
-                embedded = embedded_mod.start(config.pgdata)
+                with warnings.catch_warnings():  # the wheel's platformdirs chatter is not ours to print
+                    warnings.simplefilter("ignore")
+                    embedded = embedded_mod.start(config.pgdata)
             except Exception as err:
                 raise CollectordError(f"db upgrade: {err}") from None
             dsn = embedded.uri

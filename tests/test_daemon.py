@@ -392,3 +392,18 @@ def test_unknown_user_is_a_config_error(env):
     r = env.cli("start")
     assert r.returncode == 78
     assert r.stderr.startswith(f"collectord: {env.conf}, [collectord], user: no such user 'no-such-user-here'")
+
+
+def test_two_concurrent_starts_one_wins(env):
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "collectord", "-c", str(env.conf), "start"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.env())
+        for _ in range(2)
+    ]
+    results = sorted((p.wait(timeout=60), *p.communicate(timeout=60)) for p in procs)
+    (ok, out, _), (lost, _, err) = results
+    assert (ok, lost) == (0, 1), results
+    winner = int(out.strip().rsplit(" ", 1)[1].rstrip(")"))
+    assert err.strip() == f"collectord: already running (pid {winner})"
+    assert env.file_pid() == winner and pidfile.probe(str(env.pidfile)).holder == winner
+    assert len(children_of(winner)) == 2
