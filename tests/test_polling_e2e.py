@@ -172,7 +172,12 @@ def test_four_collectors_under_the_supervisor(tmp_path, pg_dsn, polysim):
     assert min(gaps) >= 0.5  # a slow cycle delays the next; it never stacks two
     counts = [len(ts) for _, ts in rows]
     assert max(counts) >= 7  # ~12 s at 1 s intervals
-    assert query(pg_dsn, "SELECT count(*) FROM price_snapshots WHERE best_bid > best_ask")[0][0] == 0
+    # BUY is the bid and SELL the ask: one /prices answer, so never crossed or locked (polysim keeps a spread)
+    assert query(pg_dsn, "SELECT count(*) FROM price_snapshots WHERE best_bid >= best_ask")[0][0] == 0
+    # the midpoint comes from another request, so the book may move in between: most, not all, agree
+    both, agree = query(pg_dsn, "SELECT count(*), count(*) FILTER (WHERE mid = (best_bid + best_ask) / 2) "
+                                "FROM price_snapshots WHERE best_bid IS NOT NULL AND best_ask IS NOT NULL")[0]
+    assert both > 0 and agree >= 0.8 * both, (both, agree)
     assert query(pg_dsn, "SELECT count(*) FROM price_snapshots WHERE mid IS NULL AND best_bid IS NOT NULL "
                          "AND best_ask IS NOT NULL")[0][0] == 0
 
