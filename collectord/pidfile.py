@@ -255,6 +255,7 @@ class PidFile:
         if not directory.exists():
             try:
                 os.makedirs(directory, 0o755, exist_ok=True)
+                os.chmod(directory, 0o755)  # despite the daemon's umask: `status` is for anyone
             except OSError as err:
                 raise PidFileError(f"cannot create PID file directory {directory}: {err.strerror}") from None
             if owner is not None:
@@ -288,6 +289,8 @@ class PidFile:
                 if at_path is not None and (at_path.st_ino, at_path.st_dev) == (mine.st_ino, mine.st_dev):
                     if owner is not None:
                         os.fchown(fd, *owner)
+                    if stat.S_IMODE(mine.st_mode) != 0o644:
+                        os.fchmod(fd, 0o644)  # readable by anyone who runs `status`, whatever the umask
                     self._fd = fd
                     return
             except BaseException:

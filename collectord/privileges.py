@@ -145,6 +145,10 @@ def prepare(config: Config, ident: Identity) -> None:
                 os.makedirs(path, 0o755, exist_ok=True)
             except OSError as err:
                 raise StartError(f"cannot create directory {path}: {err.strerror}") from None
+            # The PID file's directory stays world-readable so `status` works for any
+            # user (monitoring); the others keep the daemon's umask (027).
+            if d == directories(config)[0]:
+                os.chmod(path, 0o755)
             if ident.owner is not None:
                 # Only the directory itself (and parents we had to create for it) change hands.
                 for created in missing:
