@@ -276,6 +276,7 @@ class Supervisor:
         self.wall = wall
         self.children: dict[str, Child] = {}
         self.signals: collections.deque[int] = collections.deque()
+        self._stop_requested = False
         self.stopping = False
         self.stop_deadline: float | None = None
         self.kill_wait_until: float | None = None
@@ -296,8 +297,10 @@ class Supervisor:
 
     # -- signals -------------------------------------------------------------
     def _enqueue(self, signum: int, frame: Any) -> None:
-        """The one signal handler: enqueue; the loop does the work."""
+        """The one signal handler: enqueue (and flag a stop request); the loop does the work."""
         self.signals.append(signum)
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop_requested = True
 
     def handle_sigterm(self) -> None:
         """Stop everything (graceful), or SIGKILL what is left if already stopping."""
@@ -372,7 +375,8 @@ class Supervisor:
             getattr(self, f"handle_{name}")()
 
     def _stop_pending(self) -> bool:
-        return any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals)
+        # A flag, not a scan of the deque: a handler may append while we iterate.
+        return self._stop_requested
 
     # -- setup / teardown ------------------------------------------------------
     def _resolve_dsn(self) -> str:
@@ -387,7 +391,10 @@ class Supervisor:
 
     def _setup(self) -> None:
         if self.setup_logging:
-            logs.setup(self.config.logfile, self.config.loglevel, foreground=self.foreground)
+            try:
+                logs.setup(self.config.logfile, self.config.loglevel, foreground=self.foreground)
+            except OSError as err:
+                raise StartError(f"cannot open the log file {self.config.logfile}: {err.strerror or err}") from None
         self.dsn = self._resolve_dsn()
         if self.migrate:
             applied = run_migrations(self.dsn)
@@ -431,9 +438,11 @@ class Supervisor:
         for child in alive:
             _signal_group(child.state.pid, signal.SIGKILL)
         deadline = now + KILL_REAP_WAIT
+        while any(c.process is not None and c.process.exitcode is None for c in alive):
+            if self.clock() >= deadline:
+                break
+            time.sleep(0.01)  # bounded: SIGKILL was sent; the kernel finishes them
         for child in alive:
-            if child.process is not None:
-                child.process.join(max(0.0, deadline - self.clock()))
             self._apply_exit(child, self.clock())
         for child in self.children.values():
             self._close_child_fds(child)
@@ -526,7 +535,13 @@ class Supervisor:
                 deadline = min(deadline, self._status_due)
         if deadline == math.inf:
             return None
-        return max(0.0, deadline - now)
+        wait = max(0.0, deadline - now)
+        if wait > 0.002:
+            # The kernel lets epoll_wait oversleep by 0.1% of its timeout (timer
+            # slack, up to 100 ms: 60 ms late on a 60 s backoff). Wake that much
+            # early; the next turn waits the last millisecond precisely.
+            wait -= wait / 1000.0 + 0.001
+        return wait
 
     # -- spawning -----------------------------------------------------------------
     def _spawn_due(self, now: float) -> None:
@@ -542,15 +557,16 @@ class Supervisor:
         try:
             obj = construct(spec)
         except StartFailure as err:
-            state = child.state.on_start_failed(f"start failed: {err}", now, fatal=err.fatal)
+            reason = redact_dsn(str(err))
+            state = child.state.on_start_failed(f"start failed: {reason}", now, fatal=err.fatal)
             if state is State.FATAL:
-                log.error("%s: cannot start (%s): %s: FATAL", spec.name, spec.target, err)
+                log.error("%s: cannot start (%s): %s: FATAL", spec.name, spec.target, reason)
             else:
                 log.error(
                     "%s: cannot start (%s): %s: retry in %.1fs",
                     spec.name,
                     spec.target,
-                    err,
+                    reason,
                     child.state.next_start - now,
                 )
             self._status_changed(now)
@@ -581,14 +597,19 @@ class Supervisor:
         pid = process.pid
         fork_time = self.clock()
         child.process = process
-        child.pidfd = os.pidfd_open(pid)
+        try:
+            child.pidfd = os.pidfd_open(pid)
+        except OSError as err:  # no pidfds (kernel < 5.3): SIGCHLD alone drives reaping
+            log.debug("pidfd_open(%d) failed: %s; relying on SIGCHLD", pid, err)
+            child.pidfd = -1
         child.hb_fd = hb_r
         child.hb_buf = b""
         child.last_heartbeat = None
         child.health_rows = 0  # a new process counts its rows from zero
         child.killed_by_watchdog = False
         child.kill_at = None
-        self._sel.register(child.pidfd, selectors.EVENT_READ, ("pidfd", child))
+        if child.pidfd >= 0:
+            self._sel.register(child.pidfd, selectors.EVENT_READ, ("pidfd", child))
         self._sel.register(hb_r, selectors.EVENT_READ, ("hb", child))
         child.state.on_spawn(pid, fork_time)
         log.info("%s: spawned pid %d (%s), spawn #%d", spec.name, pid, spec.target, child.state.spawns)

@@ -475,7 +475,7 @@ def test_plain_classes_get_the_kwargs_they_accept(sup):
     title = open(f"/proc/{run.starts('kw')[0]['pid']}/cmdline").read()
     assert title.startswith("collectord: kw")
     assert open(f"/proc/{run.pid}/cmdline").read().startswith("collectord: supervisor")
-    doc = run.status()
+    doc = wait_for(run.status, 3, what="status.json")
     assert "secret" not in (doc["dsn"] or "") and doc["pid"] == run.pid
     assert "secret" not in run.log()
 
