@@ -141,7 +141,10 @@ class Server:
             if f is not None:
                 return self._fault_response(request, f)
         if surface not in SURFACES or not self.faults.items:
-            return await handler(request)
+            response = await handler(request)
+            if surface == "gamma":
+                response.headers["Cache-Control"] = "public, max-age=300"  # as Cloudflare sends it
+            return response
         f = self.faults.pick(surface, ("refuse", "429", "5xx", "html403"))
         if f is not None:
             return self._fault_response(request, f)
