@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as err:  # an environment problem (permissions, a full disk): one line, not a traceback
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"collectord: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -142,7 +142,12 @@ def _signal_verified(probe: pidfile.Probe, sig: int) -> int:
         # The pidfd pins this exact process; re-check it is still the one we verified.
         if not pidfile.same_process(probe.process, pidfile.process_info(pid)):
             raise NotRunning("not running (it exited just now)")
-        signal.pidfd_send_signal(pidfd, sig)
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except PermissionError:
+            raise CollectordError(
+                f"not permitted to signal pid {pid} (run this as root or as the daemon's user)"
+            ) from None
     except BaseException:
         os.close(pidfd)
         raise

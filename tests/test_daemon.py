@@ -416,3 +416,16 @@ def test_two_concurrent_starts_one_wins(env):
     assert err.strip() == f"collectord: already running (pid {winner})"
     assert env.file_pid() == winner and pidfile.probe(str(env.pidfile)).holder == winner
     assert len(children_of(winner)) == 2
+
+
+def test_another_user_cannot_stop_it_and_gets_one_line(account, open_base, pg_dsn):
+    env = Env(open_base, pg_dsn)  # runs as root (allow_root)
+    os.chmod(env.conf, 0o644)
+    try:
+        pid = _started_pid(env.cli("start"))
+        code, out = _run_as(pwd.getpwnam("nobody"), ["-c", str(env.conf), "stop"])
+        assert code == 1
+        assert out == f"collectord: not permitted to signal pid {pid} (run this as root or as the daemon's user)\n"
+        assert alive(pid) and pidfile.probe(str(env.pidfile)).holder == pid
+    finally:
+        env.close()
