@@ -102,6 +102,18 @@ class _Stop:
         return self.requested is not None
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the demo process dies (even by SIGKILL),
+    so polysim and the supervisor (which then stops its collectors) never outlive it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def default_dir() -> Path:
     return Path(tempfile.gettempdir()) / "collectord-demo"
 
@@ -165,7 +177,7 @@ def start_polysim(directory: Path) -> tuple[subprocess.Popen, int]:
         cmd += [f"--{key}", str(value)]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
@@ -285,7 +297,8 @@ def run(args: Any, config: Config | None = None) -> int:
         with out:
             supervisor = subprocess.Popen(
                 [sys.executable, "-m", "collectord", "-c", str(conf), "start", "--foreground"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent)
         print(f"collectord demo: supervisor pid {supervisor.pid} starting (first start initialises "
               f"the embedded PostgreSQL); log {directory / 'log'}", flush=True)
         _watch(supervisor, status_path, stop, seconds, directory)
@@ -351,11 +364,13 @@ def _shutdown(supervisor: subprocess.Popen | None, sim: subprocess.Popen | None)
 
 
 def _tail(path: Path) -> str:
+    """The supervisor's last error line (else its last line): why it exited."""
     try:
         lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
         return "no output"
-    return lines[-1] if lines else "no output"
+    errors = [x for x in lines if " ERROR " in x or " CRITICAL " in x or x.startswith("collectord: ")]
+    return (errors or lines or ["no output"])[-1]
 
 
 def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | None) -> int:

@@ -373,11 +373,11 @@ class MetricsServer:
     def app(self) -> Callable:
         """The WSGI application: /metrics (prometheus_client), /healthz, / (an index)."""
         registry = CollectorRegistry(auto_describe=False)
-        status = StatusCollector(self.status_path, stale_after=self.stale_after)
-        registry.register(status)
+        collector = StatusCollector(self.status_path, stale_after=self.stale_after)
+        registry.register(collector)
         # collectord_supervisor_process_*: CPU, memory, fds of the supervisor (the
         # registry collects in registration order, so the pid is this scrape's).
-        ProcessCollector(namespace="collectord_supervisor", pid=status.supervisor_pid, registry=registry)
+        ProcessCollector(namespace="collectord_supervisor", pid=collector.supervisor_pid, registry=registry)
         metrics_app = make_wsgi_app(registry)
 
         def application(environ, start_response):

@@ -41,6 +41,44 @@ def processes_under(directory: Path) -> list[str]:
     return found
 
 
+def descendants(root: int) -> set[int]:
+    """Pids of every live descendant of root (from /proc/*/stat ppid links)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat[stat.rfind(b")") + 2:].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3] != b"Z":
+            out.add(pid)
+    return out
+
+
+def wait_all_gone(pids: set[int], timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive(pids)
+
+
 def demo_cmd(directory: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "collectord", "demo", "--dir", str(directory), *extra]
 
@@ -78,16 +116,17 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
     lines = []
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while True:
             line = proc.stdout.readline()
-            if not line:
-                break
+            if not line or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("no progress line with markets > 0: " + "".join(lines) + proc.stderr.read())
             lines.append(line)
             m = re.match(r"^\[\s*\d+s\] markets (\d+)", line)
             if m and int(m.group(1)) > 0:
                 break
-        else:
-            pytest.fail("no progress line with markets > 0: " + "".join(lines))
+        tree = descendants(proc.pid)  # polysim, supervisor, collectors (the postmaster: by its -D path)
+        assert len(tree) >= 3, (tree, lines)
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=200)
     finally:
@@ -99,6 +138,7 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
     assert "SIGINT, stopping" in out
     assert summary_rows(out).get("markets", 0) > 0, out
     assert "Traceback" not in err, err
+    assert not alive(tree), alive(tree)
     assert not processes_under(directory), processes_under(directory)
 
 
@@ -110,3 +150,29 @@ def test_demo_refuses_a_directory_under_root_as_root():
     assert proc.returncode == 1
     assert "outside /root" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not Path("/root/collectord-demo-test").exists()
+
+
+@pytest.mark.slow
+def test_demo_killed_leaves_nothing_behind(tmp_path):
+    """kill -9 of the demo: polysim and the supervisor get SIGTERM (PR_SET_PDEATHSIG) and stop,
+    the supervisor stopping its collectors and the embedded PostgreSQL."""
+    directory = tmp_path / "demo"
+    proc = subprocess.Popen(demo_cmd(directory), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=dict(os.environ, COLLECTORD_CONFIG=""))
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "demo ended early"
+            if re.match(r"^\[\s*\d+s\] markets [1-9]", line):
+                break
+        tree = descendants(proc.pid) | {int(p.split(":")[0]) for p in processes_under(directory)}
+        assert len(tree) >= 4, tree  # polysim, supervisor, collectors, postmaster
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert not wait_all_gone(tree, 90), alive(tree)
+    assert not processes_under(directory), processes_under(directory)

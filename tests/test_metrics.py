@@ -280,3 +280,4 @@ def test_port_in_use_exits_1(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
 
+
