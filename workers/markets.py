@@ -237,7 +237,8 @@ class MarketsCollector(PollingWorker):
          overlap) or recent_pages; plus one page of the newest by createdAt:
          newly listed and newly closed markets land within one interval;
       3. rows flushed, then the followed set recomputed from the database with
-         [selection] (workers.selection) and replaced in one transaction.
+         [selection] (workers.selection) and replaced in one transaction;
+      4. the running full scan advances by full_scan_pages pages.
     """
 
     OPTIONS = {
@@ -256,7 +257,7 @@ class MarketsCollector(PollingWorker):
         self._scans_done = 0
         self._last_full_done: float | None = None
         self._watermark: dict[bool, datetime | None] = {False: None, True: None}
-        self.followed = 0
+        self.followed_count = 0
 
     @property
     def gamma(self) -> str:
@@ -274,11 +275,13 @@ class MarketsCollector(PollingWorker):
         for closed in (False, True):
             errors += self._recent_scan(closed, figures)
         errors += self._newest(figures)
+        self.checkpoint()
+        # The followed set before the rest of a full scan: the other collectors
+        # should not wait for pages of closed markets to start on the open ones.
+        errors += self._refresh_followed(figures)
         if self._scan is not None:
             errors += self._full_scan(figures, pages=self.options["full_scan_pages"])
-        self.checkpoint()
-        self._refresh_followed(figures)
-        figures["followed"] = self.followed
+        figures["followed"] = self.followed_count
         figures["full_scan"] = ("running" if self._scan else "idle")
         if errors == 0:
             self.success()
@@ -388,7 +391,7 @@ class MarketsCollector(PollingWorker):
         return 0
 
     # -- the followed set ------------------------------------------------------------------
-    def _refresh_followed(self, figures: dict) -> None:
+    def _refresh_followed(self, figures: dict) -> int:
         """Flush, choose from the database with [selection], replace followed_tokens atomically."""
         self.writer.flush()
         now = utcnow()
@@ -400,8 +403,9 @@ class MarketsCollector(PollingWorker):
         except psycopg2.Error as err:
             self.failure(f"followed set not updated: database: {type(err).__name__}")
             self._warn_db(err)
-            return
-        self.followed = len(rows)
+            return 1
+        self.followed_count = len(rows)
         figures.update(followed_added=added, followed_removed=removed)
         if added or removed:
             log.info("%s: following %d tokens (+%d -%d)", self.name, len(rows), added, removed)
+        return 0
