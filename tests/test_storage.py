@@ -391,3 +391,37 @@ def test_background_flusher_delivers_within_max_age(db, tmp_path):
             time.sleep(0.02)
     finally:
         w.close()
+
+
+# -- migration failures ------------------------------------------------------------------------
+def test_failing_migration_rolls_back_alone(pg_dsn, tmp_path):
+    from workers.storage import MigrationError
+
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE first_t (x int);")
+    (tmp_path / "0002_broken.sql").write_text("CREATE TABLE second_t (x int); SELECT no_such_column FROM first_t;")
+    with pytest.raises(MigrationError, match="0002_broken"):
+        migrate(pg_dsn, directory=tmp_path)
+    assert fetch(pg_dsn, "SELECT version FROM schema_migrations") == [(1,)]
+    assert fetch(pg_dsn, "SELECT to_regclass('second_t') IS NULL") == [(True,)]  # 0002 left nothing behind
+    (tmp_path / "0002_broken.sql").write_text("CREATE TABLE second_t (x int);")  # fixed
+    assert migrate(pg_dsn, directory=tmp_path) == [2]
+
+
+@pytest.mark.parametrize("files", [["1_short.sql"], ["0001_a.sql", "0001_b.sql"], ["0001_bad-name.sql"]])
+def test_misnamed_or_duplicate_migrations_are_refused(tmp_path, files):
+    from workers.storage import MigrationError
+
+    for name in files:
+        (tmp_path / name).write_text("SELECT 1;")
+    with pytest.raises(MigrationError):
+        discover(tmp_path)
+
+
+def test_closed_writer_refuses_rows_and_closes_once(db, tmp_path):
+    w = Writer(db, tmp_path / "spool", name="once").open()
+    w.add("trades", [trade()])
+    w.close()
+    w.close()
+    assert w.stats()["rows_written"] == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        w.add("trades", [trade(ordinal=1)])
