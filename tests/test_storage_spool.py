@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg2
@@ -138,8 +139,9 @@ def proxy(db):
 
 def trades(start: int, n: int) -> list[dict]:
     return [
-        {"token_id": TOKEN, "ts": T0 + timedelta(milliseconds=i), "price": "0.5", "size": "1", "side": "BUY",
-         "tx_hash": f"0x{i:064x}", "ordinal": i, "source": "ws", "received_at": T0}
+        {"token_id": TOKEN, "ts": T0 + timedelta(milliseconds=i), "price": Decimal("0.480"),
+         "size": Decimal("12.000001"), "side": "BUY", "tx_hash": f"0x{i:064x}", "ordinal": i, "source": "ws",
+         "received_at": T0}
         for i in range(start, start + n)
     ]
 
@@ -238,6 +240,12 @@ def test_close_with_database_down_spools_and_next_start_replays(db, proxy, tmp_p
     assert wait_until(lambda: w2.stats()["spool_segments"] == 0, timeout=20, step=w2.maybe_flush), w2.stats()
     w2.close()
     assert stored_in_commit_order(db) == list(range(300))
+    # The spool kept every value exactly: 78-digit id, decimal spelling, millisecond time.
+    conn = psycopg2.connect(db, connect_timeout=10)
+    with conn.cursor() as cur:
+        cur.execute("SELECT token_id, price::text, size::text, ts FROM trades WHERE ordinal = 7")
+        assert cur.fetchone() == (TOKEN, "0.480", "12.000001", T0 + timedelta(milliseconds=7))
+    conn.close()
 
 
 def test_truncated_spool_segment_replays_intact_prefix(db, tmp_path):
