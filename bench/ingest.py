@@ -6,7 +6,7 @@ One run, in order:
      $COLLECTORD_TEST_DSN), migrated;
   2. follow every open market (followed_tokens), construct a TradesCollector with its
      default timings and fork it (one process, one shard);
-  3. once live trades arrive, warm up `--warmup` s, then for `--seconds` s a monitor
+  3. once live trades arrive and the start gap is backfilled, warm up `--warmup` s, then for `--seconds` s a monitor
      polls the table every `--poll` s: count(*) of live rows at the window's ends gives
      the committed rate; the new rows of a sample of tokens (1 in `--sample`) are
      fetched with their time of first visibility, which is an upper bound of their
@@ -17,6 +17,10 @@ One run, in order:
   5. SIGTERM the collector, check it exited 0, drop the schema, stop polysim.
 Published trades/s over the same window come from the ledger, so "kept up" is visible:
 committed ~= published means the limit is polysim's rate, not ours; raise --trade-rate.
+The collector's CPU time (utime+stime from /proc, all threads) over the window gives
+CPU microseconds per committed trade: on a shared machine the wall-clock rate depends
+on what else runs (polysim itself needs about a core at these rates; the load average
+is printed), the CPU cost per trade much less so.
 
     .venv/bin/python -m bench ingest [--trade-rate 20000] [--markets 50] [--seconds 10] [--quick]
 
@@ -114,6 +118,13 @@ def fork_collector(port: int, dsn: str, data_dir: str) -> int:
     return pid
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -161,11 +172,22 @@ def main(argv: list[str]) -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("no live trades within 30 s")
             time.sleep(0.1)
+        # The start gap's backfill (since the follow) competes with live ingest: let it finish.
+        deadline = time.monotonic() + 120
+        while True:
+            cur.execute("SELECT count(*), count(*) FILTER (WHERE recovered_at IS NULL) FROM feed_gaps")
+            gaps, open_gaps = cur.fetchone()
+            if gaps and not open_gaps:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("start gaps not recovered within 120 s")
+            time.sleep(0.2)
         time.sleep(args.warmup)
         cur.execute("SELECT max(received_at) FROM trades")
         watermark = cur.fetchone()[0]
-        t_start, n_start = time.time(), live_count()
+        t_start, n_start, cpu_start = time.time(), live_count(), cpu_seconds(pid)
         seen: dict[tuple, float] = {}
+        received_at: dict[tuple, float] = {}
         end = time.monotonic() + args.seconds
         polls = 0
         while time.monotonic() < end:
@@ -173,12 +195,15 @@ def main(argv: list[str]) -> int:
                         " WHERE source = 'ws' AND received_at > %s AND token_id = ANY(%s)", (watermark, sample))
             now = time.time()
             for token, tx, price, size, side, ordinal, received in cur.fetchall():
-                seen.setdefault((token, tx, canon_decimal(str(price)), canon_decimal(str(size)), side, ordinal), now)
+                k = (token, tx, canon_decimal(str(price)), canon_decimal(str(size)), side, ordinal)
+                seen.setdefault(k, now)
+                received_at.setdefault(k, received.timestamp())
                 if received > watermark:
                     watermark = received
             polls += 1
             time.sleep(args.poll)
-        t_end, n_end = time.time(), live_count()
+        t_end, n_end, cpu_end = time.time(), live_count(), cpu_seconds(pid)
+        load = os.getloadavg()[0]
         ledger = get(port, "/_sim/ledger")["trades"]
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
@@ -203,6 +228,8 @@ def main(argv: list[str]) -> int:
         if t_start * 1000 <= t["published_ms"] < t_end * 1000:
             published_in_window += 1
     delays = [(seen_at - published_ms[k] / 1000) * 1000 for k, seen_at in seen.items() if k in published_ms]
+    to_receive = [(received_at[k] - published_ms[k] / 1000) * 1000 for k in seen if k in published_ms]
+    to_commit = [(seen[k] - received_at[k]) * 1000 for k in seen]
     window = t_end - t_start
     committed = (n_end - n_start) / window
     published = published_in_window / window
@@ -212,13 +239,24 @@ def main(argv: list[str]) -> int:
         "kept_up": committed >= 0.95 * published,
         "delay_ms_p50": round(pct(delays, 0.50), 1), "delay_ms_p99": round(pct(delays, 0.99), 1),
         "delay_ms_max": round(max(delays), 1) if delays else None, "delay_samples": len(delays),
+        "publish_to_receive_ms_p50": round(pct(to_receive, 0.5), 1),
+        "publish_to_receive_ms_p99": round(pct(to_receive, 0.99), 1),
+        "receive_to_visible_ms_p50": round(pct(to_commit, 0.5), 1),
+        "receive_to_visible_ms_p99": round(pct(to_commit, 0.99), 1),
         "unmatched_samples": len(seen) - len(delays), "monitor_polls": polls, "poll_s": args.poll,
-        "collector_exit": status,
+        "collector_exit": status, "collector_cpu_s": round(cpu_end - cpu_start, 2),
+        "cpu_us_per_trade": round((cpu_end - cpu_start) * 1e6 / max(1, n_end - n_start), 1),
+        "trades_per_cpu_s": round((n_end - n_start) / max(1e-9, cpu_end - cpu_start)),
+        "loadavg_1m": round(load, 2), "cpus": os.cpu_count(),
     }
     print(f"polysim {args.trade_rate:,.0f} fills/s requested over {len(tokens)} tokens; window {window:.1f} s")
-    print(f"{'published/s':>12} {'committed/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'samples':>8}")
+    print(f"{'published/s':>12} {'committed/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'samples':>8}"
+          f" {'cpu us/trade':>12} {'trades/cpu-s':>12} {'load':>5}")
     print(f"{published:12,.0f} {committed:12,.0f} {result['delay_ms_p50']:8.1f} {result['delay_ms_p99']:8.1f} "
-          f"{result['delay_ms_max'] or float('nan'):8.1f} {len(delays):8d}")
+          f"{result['delay_ms_max'] or float('nan'):8.1f} {len(delays):8d} {result['cpu_us_per_trade']:12.1f}"
+          f" {result['trades_per_cpu_s']:12,d} {load:5.2f}")
+    print(f"publish->receive p50/p99 {result['publish_to_receive_ms_p50']}/{result['publish_to_receive_ms_p99']} ms;"
+          f" receive->visible p50/p99 {result['receive_to_visible_ms_p50']}/{result['receive_to_visible_ms_p99']} ms")
     print(json.dumps(result))
     return 0
 

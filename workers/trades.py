@@ -148,7 +148,7 @@ class TradesCollector(Worker):
         "backfill_markets": (int, 20),
         "initial_lookback": (float, 0.0),
         "flush_rows": (int, 5000),
-        "flush_age": (float, 0.25),
+        "flush_age": (float, 0.1),
     }
 
     def __init__(self, **kwargs: Any):
