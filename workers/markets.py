@@ -256,7 +256,12 @@ class MarketsCollector(PollingWorker):
         self._scan: FullScan | None = None
         self._scans_done = 0
         self._last_full_done: float | None = None
-        self._watermark: dict[bool, datetime | None] = {False: None, True: None}
+        # Newest updatedAt stored so far per `closed` value (any scan), and the mark a
+        # frequent scan pages down to: it moves only when a frequent scan reached
+        # the previous mark, so a scan cut short by recent_pages leaves no hole.
+        self._newest_seen: dict[bool, datetime | None] = {False: None, True: None}
+        self._recent_mark: dict[bool, datetime | None] = {False: None, True: None}
+        self.recent_truncated = 0
         self.followed_count = 0
 
     @property
@@ -300,8 +305,9 @@ class MarketsCollector(PollingWorker):
         figures["pages"] += 1
         for row in rows:
             closed = bool(row["closed"])
-            if row["updated_at"] and (self._watermark[closed] is None or row["updated_at"] > self._watermark[closed]):
-                self._watermark[closed] = row["updated_at"]
+            seen = self._newest_seen[closed]
+            if row["updated_at"] and (seen is None or row["updated_at"] > seen):
+                self._newest_seen[closed] = row["updated_at"]
         return rows
 
     def _full_scan(self, figures: dict, pages: int | None) -> int:
@@ -356,9 +362,17 @@ class MarketsCollector(PollingWorker):
         return 0
 
     def _recent_scan(self, closed: bool, figures: dict) -> int:
-        """Recently updated markets, newest first, down to the previous scan's watermark."""
-        mark = self._watermark[closed]
+        """Recently updated markets, newest first, down to the previous scan's mark (minus overlap).
+
+        Without a mark yet: down to the newest market a full scan stored, or one
+        page. A scan that ends at recent_pages before reaching the mark keeps the
+        old mark (the next one pages down to it again; the full scan is the
+        backstop) and is counted in recent_truncated.
+        """
+        mark = self._recent_mark[closed] or self._newest_seen[closed]
         size = self.options["page_size"]
+        newest = None
+        reached = False
         for page in range(max(1, self.options["recent_pages"])):
             self.checkpoint()
             params = {"limit": size, "offset": page * size, "closed": "true" if closed else "false",
@@ -366,16 +380,24 @@ class MarketsCollector(PollingWorker):
             try:
                 data = self.client.get_json(f"{self.gamma}/markets", params)
             except HttpError as err:
-                if err.status == 422:
-                    return 0
-                self.failure(str(err))
-                return 1
+                if err.status != 422:  # 422: offset too deep, as far as this scan can go
+                    self.failure(str(err))
+                    return 1
+                reached = True
+                break
             rows = self._store(data, figures)
-            if not rows:
-                return 0
             times = [r["updated_at"] for r in rows if r["updated_at"]]
-            if mark is None or not times or min(times) < mark - timedelta(seconds=self.options["overlap"]):
-                return 0
+            if times and (newest is None or max(times) > newest):
+                newest = max(times)
+            if not rows or mark is None or not times or min(times) < mark - timedelta(seconds=self.options["overlap"]):
+                reached = True
+                break
+        if reached:
+            if newest is not None and (self._recent_mark[closed] is None or newest > self._recent_mark[closed]):
+                self._recent_mark[closed] = newest
+        else:
+            self.recent_truncated += 1
+            figures["recent_truncated"] = figures.get("recent_truncated", 0) + 1
         return 0
 
     def _newest(self, figures: dict) -> int:
