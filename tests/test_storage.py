@@ -352,7 +352,7 @@ def test_copy_text_escapes_only_what_needs_it():
 # -- flush timing with an injected clock ---------------------------------------------------------
 class Clock:
     def __init__(self):
-        self.t = 1000.0
+        self.t = 0.0  # a clock starting at zero must work too
 
     def __call__(self):
         return self.t

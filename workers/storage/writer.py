@@ -256,7 +256,8 @@ class Writer:
     def due(self) -> bool:
         """True when a flush is due (size, age), or in foreground mode a spool retry."""
         now = self.clock()
-        if self._count >= self.max_rows or (self._count and now - (self._oldest or now) >= self.max_age):
+        oldest = self._oldest
+        if self._count >= self.max_rows or (self._count and oldest is not None and now - oldest >= self.max_age):
             return True
         if self.background:
             return False  # the flusher thread retries the spool by itself
