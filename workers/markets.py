@@ -268,6 +268,11 @@ class MarketsCollector(PollingWorker):
     def gamma(self) -> str:
         return self.urls.get("gamma_url", "https://gamma-api.polymarket.com").rstrip("/")
 
+    def status(self) -> dict:
+        out = super().status()
+        out.update(followed=self.followed_count, full_scans=self._scans_done, recent_truncated=self.recent_truncated)
+        return out
+
     def cycle(self, figures: dict) -> None:
         figures.update(markets=0, tokens=0, pages=0)
         errors = 0
