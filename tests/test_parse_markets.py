@@ -202,3 +202,68 @@ def test_selection_from_parsed_fixture_rows_and_followed_rows():
     rows = selection.followed_rows(chosen)
     assert [r["outcome"] for r in rows] == ["Yes", "No"]
     assert rows[0]["token_id"] == "60590045489347122735554346200880179420435533609307820342798544098823516727807"
+
+
+# -- the shared decoders (workers.payload) ----------------------------------------------
+def test_every_gamma_time_format_decodes_to_utc():
+    from workers import payload as p
+
+    cases = {
+        "2026-05-25 22:43:31+00": datetime(2026, 5, 25, 22, 43, 31, tzinfo=UTC),  # Postgres text (closedTime)
+        "2023-11-02 22:05:44.425+00": datetime(2023, 11, 2, 22, 5, 44, 425000, tzinfo=UTC),
+        "2026-05-23T04:00:04.992135Z": datetime(2026, 5, 23, 4, 0, 4, 992135, tzinfo=UTC),
+        "2022-07-27T14:40:02.074Z": datetime(2022, 7, 27, 14, 40, 2, 74000, tzinfo=UTC),
+        "2026-06-01": datetime(2026, 6, 1, tzinfo=UTC),  # date only
+        "2026-06-01T11:00:00+02:00": datetime(2026, 6, 1, 9, tzinfo=UTC),
+    }
+    for text, expected in cases.items():
+        got = p.timestamp(text)
+        assert got == expected and got.utcoffset() == timedelta(0), text
+    assert p.timestamp("") is None and p.timestamp(None) is None
+    assert p.epoch_ms("1786875382652") == datetime(2026, 8, 16, 10, 16, 22, 652000, tzinfo=UTC)
+    assert p.epoch_s(1786875382) == datetime(2026, 8, 16, 10, 16, 22, tzinfo=UTC)
+    for bad in ("yesterday", "2026-13-01", 17):
+        with pytest.raises(markets.PayloadError):
+            p.timestamp(bad)
+    for bad in ("1786875382.652", "-5", 10 ** 20, True):
+        with pytest.raises(markets.PayloadError):
+            p.epoch_ms(bad)
+
+
+def test_decimals_are_exact_whatever_the_encoding():
+    from workers import payload as p
+
+    assert p.decimal("0.48") == Decimal("0.48") and p.decimal(".48") == Decimal("0.48")
+    assert str(p.decimal(0.982)) == "0.982" and str(p.decimal(12071015.216477996)) == "12071015.216477996"
+    assert p.decimal(5) == 5 and p.decimal("") is None and p.decimal(None) is None
+    assert p.text(Decimal(".48")) == "0.48" and p.text(Decimal("1E+1")) == "10"
+    for bad in ("NaN", "inf", "abc", float("nan"), True, [1]):
+        with pytest.raises(markets.PayloadError):
+            p.decimal(bad)
+    with pytest.raises(markets.PayloadError):
+        p.price("1.01")
+    assert p.token_id(" 123 ") == "123" and p.token_id(10 ** 77) == str(10 ** 77)
+    for bad in ("0x12", "1" * 79, "", -1, 1.5):
+        with pytest.raises(markets.PayloadError):
+            p.token_id(bad)
+
+
+def test_problem_log_counts_everything_and_logs_at_a_bounded_rate(caplog):
+    import logging
+
+    from workers.payload import Parsed, ProblemLog
+
+    now = [0.0]
+    plog = ProblemLog(logging.getLogger("test.problems"), every=30.0, clock=lambda: now[0])
+    bad = Parsed()
+    bad.skip("market '1': clobTokenIds has 3 ids for 2 outcomes")
+    bad.skip("market '2': id: missing")
+    with caplog.at_level(logging.WARNING, logger="test.problems"):
+        for _ in range(50):
+            plog.report("markets", bad)
+            now[0] += 1.0
+        plog.report("markets", Parsed())  # nothing skipped: nothing logged, nothing counted
+    assert plog.total == 100
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2  # t=0 and t=30
+    assert "clobTokenIds has 3 ids" in lines[0] and "(+58 more since the last report)" in lines[1]
