@@ -220,3 +220,11 @@ def test_backfill_splits_windows_too_deep_for_offset_paging():
     assert len({(t["tx_hash"], t["ordinal"]) for t in trades}) == 12_503
     assert sorted(t["ordinal"] for t in trades if t["tx_hash"] == "0x" + "ee" * 32) == [0, 1, 2]
     assert max(c["offset"] for c in api.calls) < MAX_OFFSET
+
+
+def test_a_gap_without_market_is_left_unrecovered_not_claimed():
+    api = DataApi([api_row(1, 100)])
+    queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, wall=lambda: 500.0)
+    queue.add(Gap(TOKEN, None, datetime.fromtimestamp(90, timezone.utc), datetime.fromtimestamp(180, timezone.utc),
+                  "start"))
+    assert queue.step({TOKEN}) is None and api.calls == [] and len(queue) == 0 and queue.unrecoverable == 1

@@ -169,6 +169,7 @@ class BackfillQueue:
         self.recovered = 0
         self.trades_found = 0
         self.invalid_rows = 0
+        self.unrecoverable = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + sum(len(j.gaps) for j in self.jobs)
@@ -186,15 +187,20 @@ class BackfillQueue:
         self.waiting = [g for g in self.waiting if g.ended_at.timestamp() + self.delay > now]
         windows: dict[tuple[int, int], list[Gap]] = {}
         for gap in due:
+            if not gap.condition_id:
+                # The Data API is queried by market: without a condition id the gap stays
+                # unrecovered in feed_gaps (visible to operators), it is not claimed.
+                self.unrecoverable += 1
+                log.warning("gap of token %s has no condition id; cannot backfill it", gap.token_id)
+                continue
             start = math.floor(gap.started_at.timestamp() - self.margin)
             end = math.ceil(gap.ended_at.timestamp() + self.margin)
             windows.setdefault((start, end), []).append(gap)
         for (start, end), gaps in sorted(windows.items()):
-            conditions = sorted({g.condition_id for g in gaps if g.condition_id})
-            for i in range(0, max(1, len(conditions)), self.markets_per_request):
+            conditions = sorted({g.condition_id for g in gaps})
+            for i in range(0, len(conditions), self.markets_per_request):
                 chunk = conditions[i:i + self.markets_per_request]
-                members = [g for g in gaps if g.condition_id in chunk] if chunk else gaps
-                self.jobs.append(Job(start, end, chunk, members))
+                self.jobs.append(Job(start, end, chunk, [g for g in gaps if g.condition_id in chunk]))
 
     def pending(self, now: float) -> bool:
         """True when step() has a request to make now."""
@@ -212,9 +218,6 @@ class BackfillQueue:
         if not self.jobs:
             return None
         job = self.jobs[0]
-        if not job.conditions:  # gaps without a known market cannot be queried: record them as is
-            self.jobs.pop(0)
-            return self._finish(job, [])
         start, end = job.windows[-1]
         params = {"market": ",".join(job.conditions), "start": start, "end": end,
                   "limit": self.page, "offset": job.offset, "takerOnly": "true"}

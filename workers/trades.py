@@ -224,7 +224,7 @@ class TradesCollector(Worker):
             self.feed.close()
         if self.writer is not None:
             try:
-                self._cover(final=True)
+                self._cover()
             except Exception as err:  # the DB may be down: rows are spooled by close()
                 log.warning("%s: final coverage not recorded: %s", self.name, err)
             self.writer.close()
@@ -313,6 +313,11 @@ class TradesCollector(Worker):
         except Exception as err:
             self.failure(f"followed set: {type(err).__name__}: {err}")
             log.warning("%s: cannot read the followed set: %s", self.name, err)
+            return
+        if not self.tokens and self.writer.stats().get("spool_bytes"):
+            # Rows spooled by an earlier process (DB outage, then a crash) may hold gap
+            # rows: read the unrecovered gaps only once they are replayed.
+            log.warning("%s: waiting for the spool to replay before subscribing", self.name)
             return
         mine = {t: c for t, (c, _) in followed.items() if shard_of(c, t, self.shards) == self.shard}
         added = [t for t in mine if t not in self.tokens]
@@ -409,7 +414,7 @@ class TradesCollector(Worker):
         self.backfill.add(gap)
         self.stats["gaps_closed"] += 1
 
-    def _cover(self, final: bool = False) -> None:
+    def _cover(self) -> None:
         """Flush, then move the coverage mark of every live token to the flush time.
 
         Also stores pending market announcements. Rows received before the mark are
@@ -479,6 +484,7 @@ class TradesCollector(Worker):
         counters["skipped"] = sum(self.skipped.values())
         if self.backfill is not None:
             counters["backfill_requests"] = self.backfill.requests
+            counters["gaps_unrecoverable"] = self.backfill.unrecoverable
         if self.feed is not None:
             counters.update(self.feed.status())
         return counters
