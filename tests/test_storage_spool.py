@@ -382,3 +382,25 @@ def test_unmigrated_schema_spools_until_migrated(pg_dsn, tmp_path):
     finally:
         w.close()
     assert stored_in_commit_order(pg_dsn) == list(range(10))
+
+
+def test_close_is_bounded_when_the_database_hangs(db, tmp_path):
+    """A table locked by someone else: close() gives up after close_timeout and spools the rows."""
+    locker = psycopg2.connect(db, connect_timeout=10)
+    with locker.cursor() as cur:
+        cur.execute("LOCK TABLE trades IN ACCESS EXCLUSIVE MODE")  # held until rollback below
+    try:
+        w = Writer(db, tmp_path / "spool", name="hang", max_rows=10**6, max_age=3600, close_timeout=1.0).open()
+        w.add("trades", trades(0, 50))
+        started = time.monotonic()
+        w.close()
+        took = time.monotonic() - started
+        assert took < 8, took  # not the 30 s statement_timeout of normal writes
+        assert w.stats()["rows_spooled"] == 50
+    finally:
+        locker.rollback()
+        locker.close()
+    w2 = Writer(db, tmp_path / "spool", name="hang").open()
+    assert wait_until(lambda: w2.stats()["spool_segments"] == 0, timeout=20), w2.stats()
+    w2.close()
+    assert stored_in_commit_order(db) == list(range(50))

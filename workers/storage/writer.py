@@ -133,6 +133,7 @@ class Writer:
         self._next_try = 0.0
         self._delay = retry_initial
         self._replay_at: tuple[Path, int] | None = None
+        self._close_deadline: float | None = None  # time.monotonic() by which close() must be done
         self.spool: Spool | None = None
         self._opened = False
         self._closed = False
@@ -175,13 +176,20 @@ class Writer:
         In order: hand the last rows over, let the flusher deliver what it
         holds and stop it; make one more connection attempt (whatever the
         backoff) and deliver what is left; if the spool holds rows and the
-        database answers, replay for up to close_timeout seconds (the rest
-        replays at the next start); close the connection and the spool.
+        database answers, replay while time is left (the rest replays at the
+        next start); close the connection and the spool.
+
+        Bounded: from here every statement runs with a statement_timeout of
+        what is left of close_timeout (a write that cannot finish in time is
+        spooled instead), plus at most one connect_timeout; so a supervisor's
+        graceful_timeout above close_timeout + connect_timeout never has to
+        SIGKILL a writer holding rows only in memory.
         """
         if self._closed:
             return
         if not self._opened:
             self.open()
+        self._close_deadline = time.monotonic() + self.close_timeout
         with self._buf:
             batch = self._take()
             self._closed = True
@@ -194,7 +202,8 @@ class Writer:
                 self._thread = None
             with self._io:
                 self._next_try = 0.0
-                self._deliver_and_replay(batch, replay_budget=self.close_timeout)
+                left = max(0.0, self._close_deadline - time.monotonic())
+                self._deliver_and_replay(batch, replay_budget=left)
         finally:
             with self._io:
                 self._drop_connection()
@@ -474,6 +483,7 @@ class Writer:
         try:
             staged: set[str] = set()
             with conn.cursor() as cur:
+                self._bound_by_close(cur)
                 for record in batch:
                     inserted += self._insert(cur, TABLES[record.table], record, staged)
             conn.commit()
@@ -484,6 +494,12 @@ class Writer:
         self.counters["batches"] += 1
         self.counters["rows_written"] += sum(len(r.rows) for r in batch)
         self.counters["rows_inserted"] += inserted
+
+    def _bound_by_close(self, cur) -> None:
+        """While closing: this transaction's statements may only use what is left of close_timeout."""
+        if self._close_deadline is not None:
+            ms = max(200, int((self._close_deadline - time.monotonic()) * 1000))
+            cur.execute(f"SET LOCAL statement_timeout = {ms}")
 
     def _rollback(self, conn) -> None:
         try:
@@ -549,6 +565,7 @@ class Writer:
         written = inserted = 0
         try:
             with conn.cursor() as cur:
+                self._bound_by_close(cur)
                 for row in record.rows:
                     cur.execute("SAVEPOINT row")
                     try:
