@@ -448,3 +448,25 @@ def test_followed_set_replace_is_exact_keeps_since_and_shards(pg_dsn):
         assert followed_tokens(db) == []
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("cls_path,key,value", [
+    ("workers.prices:PricesCollector", "batch", "0"),
+    ("workers.orderbooks:OrderbooksCollector", "skip_unchanged", "maybe"),
+    ("workers.markets:MarketsCollector", "page_size", "0"),
+    ("workers.resolutions:ResolutionsCollector", "deadline", "0"),
+    ("workers.resolutions:ResolutionsCollector", "interval", "soon"),
+    ("workers.markets:MarketsCollector", "no_such_option", "1"),
+])
+def test_bad_options_fail_at_construction_naming_the_key(cls_path, key, value):
+    import importlib
+
+    from workers.base import OptionError
+
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(OptionError) as info:
+        cls(name="x", **{key: value})
+    assert info.value.key == key
+    ok = cls(name="x", interval="2")  # defaults are valid; nothing is opened before the fork
+    assert ok.client is None and ok.writer is None and ok.db is None

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg2
 
-from workers.base import Worker
+from workers.base import OptionError, Worker
 from workers.errors import Stopping
 from workers.http import Client
 from workers.payload import Parsed, ProblemLog
@@ -58,8 +58,15 @@ class PollingWorker(Worker):
         "flush_age": (float, 0.5),
     }
 
+    # Options that must be > 0 (convert_options already refuses negatives).
+    POSITIVE = ("timeout", "connect_timeout", "deadline", "flush_rows", "batch", "page_size", "max_markets",
+                "downgrade_after")
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        for key in self.POSITIVE:
+            if key in self.options and not self.options[key] > 0:
+                raise OptionError(key, f"must be > 0, got {self.options[key]!r}")
         self.client: Client | None = None
         self.writer = None
         self.db = None
@@ -67,7 +74,7 @@ class PollingWorker(Worker):
         self.last_cycle: dict[str, Any] = {}
         self.cycles = 0
         self._followed: list[FollowedToken] | None = None
-        self._db_warned = 0.0
+        self._db_warned = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------
     def init_process(self) -> None:
