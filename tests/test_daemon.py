@@ -429,3 +429,28 @@ def test_another_user_cannot_stop_it_and_gets_one_line(account, open_base, pg_ds
         assert alive(pid) and pidfile.probe(str(env.pidfile)).holder == pid
     finally:
         env.close()
+
+
+def test_existing_directory_the_user_cannot_write_is_named(account, open_base, pg_dsn):
+    env = Env(open_base, pg_dsn, main=f"user = {TEST_USER}")
+    env.data_dir.mkdir(mode=0o755)  # root's, left by an earlier root run: never chowned behind one's back
+    env.logfile.parent.mkdir(mode=0o755)
+    env.logfile.write_text("old root line\n")
+    os.chown(env.logfile.parent, account.pw_uid, account.pw_gid)
+    try:
+        r = env.cli("start")
+        assert r.returncode == 1
+        assert r.stderr.strip() == (
+            f"collectord: directory {env.data_dir} is not writable by user '{TEST_USER}' "
+            f"(chown {TEST_USER} {env.data_dir})"
+        )
+        assert env.data_dir.stat().st_uid == 0 and not env.pidfile.exists()
+        os.chown(env.data_dir, account.pw_uid, account.pw_gid)
+        pid = _started_pid(env.cli("start"))
+        # the log file a root run left behind is handed over, so the account can append and reopen it
+        assert env.logfile.stat().st_uid == account.pw_uid
+        assert env.logfile.read_text().startswith("old root line\n")
+        assert wait_for(lambda: "supervisor pid" in env.log(), 5)
+        assert _uids(pid)[0] == account.pw_uid
+    finally:
+        env.close()
