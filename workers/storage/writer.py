@@ -283,8 +283,8 @@ class Writer:
 
     def flush(self) -> None:
         """Deliver everything buffered now (to the database or the spool) and wait for it."""
-        if not self._opened:
-            raise RuntimeError(f"{self.name}: open() the writer first")
+        if not self._opened or self._closed:
+            raise RuntimeError(f"{self.name}: the writer is {'closed' if self._closed else 'not open'}")
         with self._buf:
             batch = self._take()
         self._dispatch(batch, wait=True)
