@@ -173,6 +173,17 @@ def test_clob_books_prices_and_listing(polysim):
         same_shape(row, real_row, [k for k in real_row if k not in ("accepting_order_timestamp", "game_start_time")])
         same_shape(row["tokens"][0], real_row["tokens"][0], list(real_row["tokens"][0]))
     assert sum(t["winner"] for r in rows for t in r["tokens"]) >= 1
+    resolved = next(r for r in rows if any(t["winner"] for t in r["tokens"]))
+    real_one = load("clob_market_resolved_katana.json")
+    _, one = get(sim.clob_url + f"/markets/{resolved['condition_id']}")
+    same_shape(one, real_one, [k for k in real_one if k not in ("accepting_order_timestamp", "game_start_time")])
+    assert one["closed"] is True and one["tokens"] == resolved["tokens"]
+    real_simple = load("clob_simplified_market_row_559651.json")
+    _, simple = get(sim.clob_url + "/simplified-markets")
+    assert simple["next_cursor"] != "LTE=" or len(simple["data"]) == 12
+    for row in simple["data"]:
+        assert set(row) == set(real_simple)
+        same_shape(row, real_simple, list(real_simple))
 
 
 def test_data_trades_equal_ledger(polysim):
