@@ -446,13 +446,8 @@ class Supervisor:
             self._apply_exit(child, self.clock())
         for child in self.children.values():
             self._close_child_fds(child)
-        self._restore_signals()
-        if self._sel is not None:
-            self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        # The database goes after the children (they flushed into it), and while
+        # our handlers still only enqueue: a repeated SIGTERM cannot cut it short.
         if self._embedded_stop is not None:
             try:
                 self._embedded_stop()
@@ -460,6 +455,13 @@ class Supervisor:
             except Exception as err:
                 log.error("stopping the embedded PostgreSQL failed: %s", err)
         status.remove(self.config.status_path)
+        self._restore_signals()
+        if self._sel is not None:
+            self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> int:
@@ -605,7 +607,10 @@ class Supervisor:
         child.hb_fd = hb_r
         child.hb_buf = b""
         child.last_heartbeat = None
-        child.health_rows = 0  # a new process counts its rows from zero
+        # A new process counts from zero: so do its status counters and health deltas
+        # (last_success / last_error stay until it reports its own).
+        child.counters.update(rows_written=0, errors=0)
+        child.health_rows = 0
         child.killed_by_watchdog = False
         child.kill_at = None
         if child.pidfd >= 0:
@@ -889,8 +894,12 @@ class Supervisor:
             spec = specs.get(name)
             if spec is None:
                 removed.append(name)
-                child.remove = True
+                child.remove, child.replacement = True, None
                 self._stop_child(child, now)
+            elif child.remove or child.replacement is not None:
+                # Still being stopped by an earlier reload: it comes back with the newest spec.
+                changed.append(name)
+                child.remove, child.replacement = False, spec
             elif spec != child.spec:
                 changed.append(name)
                 child.replacement = spec
@@ -933,7 +942,7 @@ class Supervisor:
         for child in self.children.values():
             c = child.counters
             rows = c.get("rows_written") or 0
-            delta = rows - child.health_rows if isinstance(rows, (int, float)) else 0
+            delta = max(0, rows - child.health_rows) if isinstance(rows, (int, float)) else 0
             child.health_rows = rows if isinstance(rows, (int, float)) else 0
             up = child.state.uptime(now)
             last = c.get("last_success")
