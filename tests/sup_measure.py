@@ -3,8 +3,10 @@
     .venv/bin/python -m tests.sup_measure detect [N]       exit-detection latency (backoff 0), N kills
     .venv/bin/python -m tests.sup_measure schedule         real 5,10,20,40,60 restart delays vs schedule (~2.5 min)
     .venv/bin/python -m tests.sup_measure stop N           time to stop N cooperative children
-    .venv/bin/python -m tests.sup_measure idle S [beat]    supervisor CPU and wakeups over S idle seconds
-                                                           (5 plain children; `beat`: 5 heartbeating Workers)
+    .venv/bin/python -m tests.sup_measure idle S [beat] [health=N]
+                                                           supervisor CPU and wakeups over S idle seconds
+                                                           (5 plain children; `beat`: 5 heartbeating Workers;
+                                                           health_interval N, default 3600 = no health line)
     .venv/bin/python -m tests.sup_measure rss              RSS/PSS of the supervisor and of one child
 
 Each runs a real supervisor (tests.sup_targets runner) in a temporary directory.
@@ -109,11 +111,11 @@ def stop(n: int) -> None:
         run.cleanup()
 
 
-def idle(seconds: float, beat: bool = False) -> None:
+def idle(seconds: float, beat: bool = False, health: float = 3600) -> None:
     target = "Beater" if beat else "Sleeper"
     opts = {"target": target, "interval": "3600"} if beat else {"target": target}
     names = tuple(f"w{i}" for i in range(5))
-    run = _run({name: dict(opts) for name in names})
+    run = _run({name: dict(opts) for name in names}, main={"health_interval": health})
     try:
         run.start(wait_started=names)
         for name in names:
@@ -126,7 +128,7 @@ def idle(seconds: float, beat: bool = False) -> None:
         inv = int(ps1["nonvoluntary_ctxt_switches"]) - int(ps0["nonvoluntary_ctxt_switches"])
         cpu = (st1["cpu_ticks"] - st0["cpu_ticks"]) * TICK_MS
         kind = "heartbeating Workers" if beat else "plain children"
-        print(f"idle {seconds:.0f} s, 5 {kind}: supervisor CPU {cpu:.0f} ms, "
+        print(f"idle {seconds:.0f} s, 5 {kind}, health_interval {health:g}: supervisor CPU {cpu:.0f} ms, "
               f"wakeups (voluntary ctxt switches) {vol} = {vol / seconds:.2f}/s, involuntary {inv}")
     finally:
         run.send(signal.SIGTERM)
@@ -176,7 +178,8 @@ def main(argv: list[str]) -> int:
     elif cmd == "stop":
         stop(int(rest[0]) if rest else 5)
     elif cmd == "idle":
-        idle(float(rest[0]) if rest else 60.0, beat="beat" in rest)
+        health = [float(a.split("=", 1)[1]) for a in rest if a.startswith("health=")]
+        idle(float(rest[0]) if rest else 60.0, beat="beat" in rest, health=health[0] if health else 3600)
     elif cmd == "rss":
         rss()
     else:
