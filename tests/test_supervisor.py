@@ -135,12 +135,13 @@ def test_s5_fast_crashers_fatal_after_six_spawns_never_running(sup):
         assert len(run.starts(f"ok{i}")) == 1
 
 
-def test_s6_stop_all_cooperative(sup):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_s6_stop_all_cooperative(sup, sig):
     names = [f"w{i}" for i in range(5)]
     run = sup({n: {"target": "Sleeper"} for n in names}).start(wait_started=tuple(names))
     pids = [run.starts(n)[0]["pid"] for n in names]
     wait_for(lambda: run.status_path.exists(), 2, what="status.json")
-    t0 = run.send(signal.SIGTERM)
+    t0 = run.send(sig)
     assert run.wait_exit(5) == 0
     assert time.monotonic() - t0 <= 1.0
     for n in names:
@@ -419,15 +420,16 @@ def test_s21_reload_changed_added_removed_and_fatal_retried(sup):
     assert run.proc.poll() is None
 
 
-def test_s23_log_renamed_then_reload(sup):
+@pytest.mark.parametrize("sig, line", [(signal.SIGHUP, "reloaded"), (signal.SIGUSR1, "log files reopened")])
+def test_s23_log_renamed_then_reload(sup, sig, line):
     run = sup({"w": {"target": "Sleeper"}, "b": {"target": "Beater"}}).start(wait_started=("w", "b"))
     wait_for(lambda: run.log_path.exists() and "spawned pid" in run.log(), 3, what="log written")
     rotated = run.log_path.with_name("collectord.log.1")
     run.log_path.rename(rotated)
-    t0 = run.send(signal.SIGHUP)
+    t0 = run.send(sig)
     wait_for(lambda: run.log_path.exists(), 1.0, 0.005, "new log file")
     assert time.monotonic() - t0 <= 1.0
-    wait_for(lambda: "reloaded" in run.log(), 2, what="reload logged in the new file")
+    wait_for(lambda: line in run.log(), 2, what="reopen logged in the new file")
     rotated.unlink()  # logrotate compresses and deletes the old file
     time.sleep(0.2)
     for pid in [run.pid] + [run.starts(n)[0]["pid"] for n in ("w", "b")]:
@@ -466,9 +468,10 @@ def test_s24_hung_children_killed_by_watchdog(sup):
 
 
 def test_plain_classes_get_the_kwargs_they_accept(sup):
-    run = sup({"named": {"target": "Named", "interval": "7"}, "kw": {"target": "Sleeper", "extra": "x"}}).start(
-        wait_started=("named", "kw")
-    )
+    run = sup(
+        {"named": {"target": "Named", "interval": "7"}, "kw": {"target": "Sleeper", "extra": "x"}},
+        main={"health_interval": 0.5},
+    ).start(wait_started=("named", "kw"))
     assert run.starts("named")[0]["interval"] == "7"
     kwargs = set(run.starts("kw")[0]["kwargs"])
     assert {"dsn", "data_dir", "gamma_url", "selection", "extra"} <= kwargs
@@ -478,6 +481,10 @@ def test_plain_classes_get_the_kwargs_they_accept(sup):
     doc = wait_for(run.status, 3, what="status.json")
     assert "secret" not in (doc["dsn"] or "") and doc["pid"] == run.pid
     assert "secret" not in run.log()
+    # one health line per collector every health_interval
+    wait_for(lambda: "health named: RUNNING uptime" in run.log() and "health kw: RUNNING uptime" in run.log(), 3,
+             what="health lines")
+    assert "rows +0 errors 0 last_success never" in run.log()
 
 
 def test_exits_1_when_nothing_left(sup):
