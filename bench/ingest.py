@@ -34,7 +34,6 @@ import json
 import os
 import select
 import signal
-import statistics
 import subprocess
 import sys
 import time

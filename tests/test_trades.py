@@ -15,7 +15,6 @@ import time
 import traceback
 from collections import Counter
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 
 import psycopg2
 import pytest

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from workers.messages import EPOCH, decimal_text
 
@@ -242,7 +242,8 @@ class BackfillQueue:
         if job.windows:
             return None
         self.jobs.pop(0)
-        rows, bad = rows_from_data_api(job.rows, tokens)
+        # The job's own gap tokens count too: one unfollowed meanwhile still gets its gap filled.
+        rows, bad = rows_from_data_api(job.rows, tokens | {g.token_id for g in job.gaps})
         self.invalid_rows += bad
         return self._finish(job, rows)
 
@@ -259,6 +260,3 @@ class BackfillQueue:
         self.trades_found += len(rows)
         return Done(rows, gap_rows, job.requests)
 
-
-def count_by_token(rows: Iterable[dict]) -> Counter:
-    return Counter(r["token_id"] for r in rows)

@@ -29,10 +29,8 @@ memory against a corrupt length header.
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
-import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -268,8 +266,3 @@ class Connection:
             "reconnects": self.reconnects,
         }
 
-
-def is_timeout(err: BaseException) -> bool:
-    return isinstance(err, (socket.timeout, websocket.WebSocketTimeoutException)) or (
-        isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
-    )
