@@ -228,3 +228,16 @@ def test_a_gap_without_market_is_left_unrecovered_not_claimed():
     queue.add(Gap(TOKEN, None, datetime.fromtimestamp(90, timezone.utc), datetime.fromtimestamp(180, timezone.utc),
                   "start"))
     assert queue.step({TOKEN}) is None and api.calls == [] and len(queue) == 0 and queue.unrecoverable == 1
+
+
+def test_window_reaches_past_the_gap_by_margin_and_settlement():
+    # Fills matched just before the gap's end settle on chain 20 s later: the Data API
+    # stamps them with the block time, so the window must reach that far.
+    api = DataApi([api_row(1, 1000), api_row(2, 1203), api_row(3, 1226)])
+    queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, margin=5, settle=20,
+                          wall=lambda: 2000.0)
+    queue.add(Gap(TOKEN, COND, datetime.fromtimestamp(1010, timezone.utc), datetime.fromtimestamp(1200, timezone.utc),
+                  "disconnect"))
+    done = run_queue(queue, {TOKEN})
+    assert (api.calls[0]["start"], api.calls[0]["end"]) == (1005, 1225)
+    assert [t["ts"].timestamp() for t in done[0].trades] == [1203.0]

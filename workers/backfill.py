@@ -7,6 +7,13 @@ numbering). Stateful part: `BackfillQueue` groups closed gaps into jobs (one
 window, up to `markets_per_request` condition ids) and runs a job one HTTP request
 per `step()`, so the listener's loop never blocks on more than one request.
 
+The window: the Data API stamps a fill with its transaction's block time (seconds),
+which comes after the match time the WebSocket reports (the operator settles matched
+orders on chain in batches). A fill matched inside [start, end] therefore carries a
+Data API time in [start - margin, end + margin + settle]: `margin` absorbs clock skew
+and whole-second rounding, `settle` the settlement delay. Fetching more than the gap
+costs nothing but bytes: rows already stored are no-ops (ON CONFLICT DO NOTHING).
+
 Matching the live twin (polymarket-api.md §4.3): the Data API gives floats
 (`0.709999959`) and seconds. Prices are rounded to 0.0001, the finest tick the
 exchange allows: every market's tick (0.1 .. 0.0001) divides it, so the rounding is
@@ -154,12 +161,12 @@ class BackfillQueue:
     """Closed gaps waiting for the Data API, run as jobs of one request per step."""
 
     def __init__(self, get_json: Callable[[str, dict], Any], data_url: str, *, shard: str, delay: float = 30.0,
-                 margin: float = 5.0, page: int = 1000, markets_per_request: int = 20,
+                 margin: float = 5.0, settle: float = 0.0, page: int = 1000, markets_per_request: int = 20,
                  wall: Callable[[], float] = lambda: datetime.now(timezone.utc).timestamp()):
         self.get_json = get_json
         self.url = data_url.rstrip("/") + "/trades"
         self.shard = shard
-        self.delay, self.margin = delay, margin
+        self.delay, self.margin, self.settle = delay, margin, settle
         self.page = max(1, min(page, MAX_OFFSET))
         self.markets_per_request = max(1, markets_per_request)
         self.wall = wall
@@ -194,7 +201,7 @@ class BackfillQueue:
                 log.warning("gap of token %s has no condition id; cannot backfill it", gap.token_id)
                 continue
             start = math.floor(gap.started_at.timestamp() - self.margin)
-            end = math.ceil(gap.ended_at.timestamp() + self.margin)
+            end = math.ceil(gap.ended_at.timestamp() + self.margin + self.settle)
             windows.setdefault((start, end), []).append(gap)
         for (start, end), gaps in sorted(windows.items()):
             conditions = sorted({g.condition_id for g in gaps})

@@ -26,8 +26,9 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
        (`number_repeats`), i.e. exactly 0..k-1, provided it fetched the whole
        transaction. It does: all fills of one transaction carry the same block
        timestamp in the Data API, a gap window is widened by `backfill_margin` on
-       both sides and fetched in whole seconds for the entire market (not just the
-       gap's token), so a transaction whose fills straddle a gap boundary has its
+       both sides (plus `backfill_settle` after it: block time trails match time)
+       and fetched in whole seconds for the entire market (not just the gap's
+       token), so a transaction whose fills straddle a gap boundary has its
        timestamp inside the window and all of its fills come back.
    The union stored is then exactly 0..k-1: k rows, none twice. A restart is always
    a gap (see 2), so every place where live numbering restarts is backfilled over
@@ -141,8 +142,9 @@ class TradesCollector(Worker):
         "stable_after": (float, 30.0),
         "refresh_interval": (float, 10.0),
         "coverage_interval": (float, 2.0),
-        "backfill_delay": (float, 30.0),
+        "backfill_delay": (float, 60.0),
         "backfill_margin": (float, 5.0),
+        "backfill_settle": (float, 30.0),
         "backfill_rate": (float, 0.4),  # share of the Data API's /trades limit (200 per 10 s per IP)
         "backfill_page": (int, 1000),
         "backfill_markets": (int, 20),
@@ -211,7 +213,8 @@ class TradesCollector(Worker):
                            max_retry_after=1.0, apis={self.urls["data_url"]: "data"})
         self.backfill = BackfillQueue(
             self.http.get_json, self.urls["data_url"], shard=self.shard_label, delay=o["backfill_delay"],
-            margin=o["backfill_margin"], page=o["backfill_page"], markets_per_request=o["backfill_markets"],
+            margin=o["backfill_margin"], settle=o["backfill_settle"], page=o["backfill_page"],
+            markets_per_request=o["backfill_markets"],
         )
         self.feed = Feed(self.urls["ws_url"], self.ws_options, assets_per_socket=o["assets_per_socket"],
                          ids_per_frame=o["ids_per_frame"], connect_stagger=o["connect_stagger"])
