@@ -247,6 +247,30 @@ def test_socket_faults_lose_nothing(polysim, db, tmp_path, fault, options, reaso
         os.close(status.r)
 
 
+def test_garbage_and_huge_frames_are_skipped_and_nothing_is_lost(polysim, db, tmp_path):
+    sim = polysim(markets=6, seed=29, trade_rate=40.0, multi_fill=0.5)
+    tokens = follow(sim, db)
+    status = StatusPipe()
+    pid = start(sim, db, tmp_path, status_fd=status.w)
+    os.close(status.w)
+    try:
+        wait_for(lambda: live_trades(db) > 20, 20, what="live trades")
+        sim.faults(surface="ws", kind="malformed", duration=3)
+        sim.faults(surface="ws", kind="unknown_events", duration=3)
+        sim.faults(surface="ws", kind="huge_frame", bytes=8 * 1024 * 1024)
+        counters = wait_for(lambda: (s := status.read()).get("skipped", 0) > 0 and s.get("messages", 0) > 0 and s,
+                            15, what="skipped garbage counted")
+        time.sleep(3)
+        sim.faults(clear=True)
+        assert_exactly_once(sim, db, tokens)
+        counters = status.read()
+        assert counters["errors"] == 0 and counters["reconnects"] == 0  # garbage is skipped, not fatal
+        assert not [g for g in gap_rows(db) if g[3] != "start"]
+    finally:
+        assert stop(pid) == 0
+        os.close(status.r)
+
+
 def test_kill9_mid_run_then_restart_loses_nothing(polysim, db, tmp_path):
     sim = polysim(markets=8, seed=7, trade_rate=60.0, multi_fill=0.5)
     tokens = follow(sim, db)
