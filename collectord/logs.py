@@ -45,18 +45,20 @@ def _ours(handler: logging.Handler) -> bool:
 def setup(logfile: str, loglevel: str = "INFO", *, foreground: bool = False) -> logging.Handler:
     """Install the one collectord handler on the root logger (replacing a previous one).
 
-    Creates the log directory if needed. Returns the handler.
+    Creates the log directory if needed; opens the new handler before removing
+    the old, so an OSError leaves logging as it was. Returns the handler.
     """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if _ours(handler):
-            root.removeHandler(handler)
-            handler.close()
+    # The new handler first: if the file cannot be opened (OSError), the old one stays.
     if foreground or not logfile or logfile == "-":
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
         os.makedirs(os.path.dirname(logfile) or ".", exist_ok=True)
         handler = logging.handlers.WatchedFileHandler(logfile, encoding="utf-8")
+    for old in list(root.handlers):
+        if _ours(old):
+            root.removeHandler(old)
+            old.close()
     handler._collectord = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(_name_filter)
@@ -66,16 +68,21 @@ def setup(logfile: str, loglevel: str = "INFO", *, foreground: bool = False) -> 
 
 
 def reopen() -> None:
-    """Reopen every collectord log file now (SIGHUP / SIGUSR1, after logrotate)."""
+    """Reopen every collectord log file now (SIGHUP / SIGUSR1, after logrotate).
+
+    The new file is opened before the old one is closed; if it cannot be
+    opened (OSError is raised), the handler keeps writing to the old one.
+    """
     for handler in logging.getLogger().handlers:
         if _ours(handler) and isinstance(handler, logging.handlers.WatchedFileHandler):
             handler.acquire()
             try:
-                if handler.stream:
-                    handler.stream.flush()
-                    handler.stream.close()
-                handler.stream = handler._open()
+                stream = handler._open()
+                old, handler.stream = handler.stream, stream
                 handler._statstream()
+                if old:
+                    old.flush()
+                    old.close()
             finally:
                 handler.release()
 

@@ -294,6 +294,7 @@ class Supervisor:
         self._next_health: float = math.inf
         self._pid = os.getpid()
         self._foreign: set[int] = set()  # our children that are not collectors (embedded server)
+        self._status_error: str | None = None
 
     # -- signals -------------------------------------------------------------
     def _enqueue(self, signum: int, frame: Any) -> None:
@@ -326,7 +327,11 @@ class Supervisor:
 
     def handle_sigusr1(self) -> None:
         """Reopen log files (logrotate's postrotate may send USR1 instead of HUP)."""
-        logs.reopen()
+        try:
+            logs.reopen()
+        except OSError as err:
+            log.error("cannot reopen the log file (%s): still logging to the old one", err)
+            return
         log.info("log files reopened")
 
     def handle_sigchld(self) -> None:
@@ -879,11 +884,14 @@ class Supervisor:
         except Exception as err:  # never let a reload kill the supervisor
             log.error("reload failed, keeping the running configuration: %s: %s", type(err).__name__, err)
             return
-        if self.setup_logging:
-            logs.setup(new.logfile, new.loglevel, foreground=self.foreground)
-        else:
-            logs.reopen()
-            logs.set_level(new.loglevel)
+        try:
+            if self.setup_logging:
+                logs.setup(new.logfile, new.loglevel, foreground=self.foreground)
+            else:
+                logs.reopen()
+                logs.set_level(new.loglevel)
+        except OSError as err:
+            log.error("reload: cannot open the log file %s (%s): still logging to the old one", new.logfile, err)
         self.config = new
         self.dsn = dsn
         specs = {s.name: s for s in build_specs(new, dsn)}
@@ -1011,7 +1019,10 @@ class Supervisor:
         try:
             os.makedirs(os.path.dirname(self.config.status_path) or ".", exist_ok=True)
             status.write(self.config.status_path, self.status_doc(now))
+            self._status_error = None
         except OSError as err:
-            log.error("cannot write %s: %s", self.config.status_path, err)
+            if str(err) != self._status_error:  # once per distinct error, not 5 lines a second
+                log.error("cannot write %s: %s", self.config.status_path, err)
+            self._status_error = str(err)
         self._status_written = now
         self._status_dirty = False

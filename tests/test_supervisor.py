@@ -512,3 +512,17 @@ def test_s5_dead_child_never_promoted_when_supervisor_wakes_late(sup):
     st = run.wait_state("crash", "BACKOFF", timeout=5)
     assert st["restarts"] == 1
     assert "crash: STARTING -> RUNNING" not in run.log()
+
+
+def test_reload_with_unopenable_log_keeps_logging_and_running(sup, tmp_path):
+    cols = {"w": {"target": "Sleeper"}}
+    run = sup(cols).start(wait_started=("w",))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    run.write_config(cols, main={"logfile": blocker / "x.log"})
+    run.send(signal.SIGHUP)
+    wait_for(lambda: "reload: cannot open the log file" in run.log(), 3, what="log error in the old log")
+    wait_for(lambda: "reloaded" in run.log(), 3, what="reload applied")
+    assert run.proc.poll() is None and run.child_status("w")["state"] == "RUNNING"
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(5) == 0
