@@ -523,6 +523,8 @@ def test_reload_with_unopenable_log_keeps_logging_and_running(sup, tmp_path):
     run.send(signal.SIGHUP)
     wait_for(lambda: "reload: cannot open the log file" in run.log(), 3, what="log error in the old log")
     wait_for(lambda: "reloaded" in run.log(), 3, what="reload applied")
-    assert run.proc.poll() is None and run.child_status("w")["state"] == "RUNNING"
+    assert run.proc.poll() is None
+    run.wait_state("w", "RUNNING")
+    assert len(run.starts("w")) == 1
     run.send(signal.SIGTERM)
     assert run.wait_exit(5) == 0
