@@ -359,7 +359,8 @@ def test_s18_unimportable_and_raising_targets(sup):
     assert log.count("initraise: cannot start") == 3 and "RuntimeError: init_raiser: cannot construct" in log
     assert log.count("badopt: cannot start") == 1 and "option interval" in log  # bad option: FATAL at once
     assert len(run.starts("exit78")) == 1 and "exit 78 (configuration error): FATAL" in log
-    assert run.proc.poll() is None and run.child_status("w")["state"] == "RUNNING"
+    assert run.proc.poll() is None
+    assert run.wait_state("w", "RUNNING")["pid"] == run.starts("w")[0]["pid"]
 
 
 def test_s19_sigterm_while_starting(sup):
@@ -462,8 +463,9 @@ def test_s24_hung_children_killed_by_watchdog(sup):
         new = run.wait_start(n, 2, timeout=5)
         assert new["pid"] not in (hang_pid, stopped_pid)
     assert "silent for" in run.log() and "watchdog" in run.log()
-    st = run.child_status("stopped")
-    assert st["restarts"] >= 1
+    st = wait_for(lambda: (lambda c: c if c and c["restarts"] >= 1 else None)(run.child_status("stopped")), 3,
+                  what="restart counted in status.json")
+    assert st["last_exit"] == "watchdog: signal 9"
     assert len(run.starts("plain")) == 1  # never heartbeats: never watched
 
 
