@@ -79,9 +79,9 @@ def _tags(value: Any) -> list[dict] | None:
     out = []
     for tag in value:
         if isinstance(tag, dict):
-            out.append({k: str(tag[k]) for k in TAG_KEYS if tag.get(k) not in (None, "")})
+            out.append({k: p.clean_text(str(tag[k])) for k in TAG_KEYS if tag.get(k) not in (None, "")})
         elif isinstance(tag, str):
-            out.append({"label": tag})
+            out.append({"label": p.clean_text(tag)})
     return out
 
 
@@ -108,7 +108,7 @@ def outcome_tokens(obj: dict) -> list[tuple[str, str]]:
     ids = [p.token_id(t, "clobTokenIds[]") for t in tokens]
     if len(set(ids)) != len(ids):
         raise PayloadError("clobTokenIds: repeated token id")
-    return [(tid, str(name)) for tid, name in zip(ids, outcomes)]
+    return [(tid, p.clean_text(str(name))) for tid, name in zip(ids, outcomes)]
 
 
 def parse_market(obj: Any, event: dict | None = None, seen_at: datetime | None = None) -> tuple[dict, list[dict]]:
@@ -147,15 +147,15 @@ def parse_market(obj: Any, event: dict | None = None, seen_at: datetime | None =
                                                                                   "startDateIso"),
         "end_date": end_date,
         "closed_time": p.timestamp(obj.get("closedTime"), "closedTime"),
-        "volume": p.decimal(_first(obj, "volume", "volumeNum"), "volume"),
-        "volume_24h": p.decimal(volume, "volume24hr"),
-        "liquidity": p.decimal(liquidity, "liquidity"),
-        "outcomes": [str(o) for o in outcomes] if outcomes is not None else None,
+        "volume": p.amount(_first(obj, "volume", "volumeNum"), "volume"),
+        "volume_24h": p.amount(volume, "volume24hr"),
+        "liquidity": p.amount(liquidity, "liquidity"),
+        "outcomes": [p.clean_text(str(o)) for o in outcomes] if outcomes is not None else None,
         "tags": tags,
         "uma_resolution_status": p.opt_text(obj.get("umaResolutionStatus")),
         "created_at": p.timestamp(obj.get("createdAt"), "createdAt"),
         "updated_at": p.timestamp(obj.get("updatedAt"), "updatedAt"),
-        "raw": obj,
+        "raw": p.clean_json(obj),  # what jsonb accepts (no NUL, NaN, lone surrogates)
     }
     if seen_at is not None:
         row["first_seen_at"] = seen_at

@@ -38,7 +38,9 @@ def book_hash(obj: dict) -> str:
 
 def _level_values(raw_price: Any, raw_size: Any, side: str) -> tuple[Decimal, Decimal]:
     """(price, size) of one level, exact. Strings (what the CLOB sends) take a fast path."""
-    if type(raw_price) is str and type(raw_size) is str:
+    if (type(raw_price) is str and type(raw_size) is str and len(raw_price) <= 40 and len(raw_size) <= 40
+            and "e" not in raw_price and "E" not in raw_price and "e" not in raw_size and "E" not in raw_size):
+        # short plain decimal text cannot exceed numeric's range: no range check needed
         try:
             price, size = Decimal(raw_price), Decimal(raw_size)
         except InvalidOperation:
@@ -95,8 +97,12 @@ def parse_book(obj: Any, received_at: datetime | None = None) -> dict:
     bids = _levels(obj.get("bids"), "bids")
     asks = _levels(obj.get("asks"), "asks")
     digest = obj.get("hash")
-    if not isinstance(digest, str) or not digest:
+    if digest is None or digest == "":
         digest = book_hash(obj)  # keep the snapshot key (token, ts, hash) non-null and stable
+    elif not isinstance(digest, str):
+        raise PayloadError(f"hash: expected a string, got {type(digest).__name__}")
+    else:
+        digest = p.ident(digest, "hash")
     best_bid = bids[0][0] if bids else None
     best_ask = asks[0][0] if asks else None
     return {

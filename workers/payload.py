@@ -9,6 +9,10 @@
   22:43:31+00"), epoch milliseconds as a string (CLOB, WS), epoch seconds (Data API).
   All become timezone-aware UTC datetimes.
 - Token ids: decimal strings up to 78 digits; kept as text.
+- What PostgreSQL refuses never reaches a row: ids holding NUL or lone
+  surrogates make the item malformed; descriptive text and the raw jsonb are
+  cleaned (NUL and lone surrogates -> U+FFFD, NaN/Infinity -> null); decimals
+  beyond 100 integer or 1000 fraction digits are malformed.
 
 Parsers raise PayloadError for a bad item; the caller skips that item whole and
 counts it in a Parsed result, and ProblemLog logs it at a bounded rate.
@@ -29,6 +33,10 @@ from typing import Any, Callable
 from workers.errors import PayloadError
 
 _TOKEN_RE = re.compile(r"^[0-9]{1,78}$")
+_DIGITS_RE = re.compile(r"^[0-9]{1,20}$")  # str.isdigit() also takes '²' and Arabic digits
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL text/jsonb refuse NUL; UTF-8 has no lone surrogates
+MAX_INT_DIGITS = 100
+MAX_FRACTION_DIGITS = 1000
 _EPOCH_MIN = datetime(2000, 1, 1, tzinfo=timezone.utc).timestamp()
 _EPOCH_MAX = datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp()
 MAX_PROBLEMS = 20  # problem lines a Parsed result keeps (the count is exact)
@@ -84,6 +92,28 @@ class ProblemLog:
             self._suppressed += parsed.skipped
 
 
+# -- text PostgreSQL accepts ----------------------------------------------------------
+def clean_text(value: str) -> str:
+    """NUL and lone surrogates (refused by PostgreSQL / not UTF-8) -> U+FFFD."""
+    return _BAD_TEXT.sub("\ufffd", value) if _BAD_TEXT.search(value) else value
+
+
+def clean_json(value: Any, depth: int = 0) -> Any:
+    """A decoded JSON value PostgreSQL's jsonb accepts: strings (and keys) cleaned,
+    NaN/Infinity -> None, nesting deeper than 100 levels -> None."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= 100 and isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_json(v, depth + 1) for v in value]
+    return value
+
+
 # -- decimals -------------------------------------------------------------------
 def decimal(value: Any, name: str = "value", *, empty_ok: bool = True) -> Decimal | None:
     """A JSON string or number -> exact finite Decimal; None or "" -> None (if empty_ok)."""
@@ -94,15 +124,15 @@ def decimal(value: Any, name: str = "value", *, empty_ok: bool = True) -> Decima
     if isinstance(value, bool):
         raise PayloadError(f"{name}: expected a number, got {value!r}")
     if isinstance(value, int):
-        return Decimal(value)
+        return in_range(Decimal(value), name)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise PayloadError(f"{name}: not finite: {value!r}")
-        return Decimal(repr(value))
+        return in_range(Decimal(repr(value)), name)
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise PayloadError(f"{name}: not finite: {value!r}")
-        return value
+        return in_range(value, name)
     if isinstance(value, str):
         try:
             out = Decimal(value.strip())
@@ -110,8 +140,23 @@ def decimal(value: Any, name: str = "value", *, empty_ok: bool = True) -> Decima
             raise PayloadError(f"{name}: not a decimal: {value[:40]!r}") from None
         if not out.is_finite():
             raise PayloadError(f"{name}: not finite: {value[:40]!r}")
-        return out
+        return in_range(out, name)
     raise PayloadError(f"{name}: expected a number, got {type(value).__name__}")
+
+
+def in_range(d: Decimal, name: str = "value") -> Decimal:
+    """d, unless it has more integer or fraction digits than any real quantity (PayloadError)."""
+    if d and d.adjusted() >= MAX_INT_DIGITS or d.as_tuple().exponent < -MAX_FRACTION_DIGITS:
+        raise PayloadError(f"{name}: out of range: {str(d)[:40]}")
+    return d
+
+
+def amount(value: Any, name: str = "amount") -> Decimal | None:
+    """A size, volume or liquidity: a decimal >= 0 (None when absent)."""
+    out = decimal(value, name)
+    if out is not None and out < 0:
+        raise PayloadError(f"{name}: negative: {str(out)[:40]}")
+    return out
 
 
 def price(value: Any, name: str = "price", *, empty_ok: bool = True) -> Decimal | None:
@@ -150,27 +195,42 @@ def token_id(value: Any, name: str = "token_id") -> str:
     """A token id as text: decimal digits, at most 78 (a uint256)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         value = str(value)
-    if not isinstance(value, str) or not _TOKEN_RE.match(value.strip()):
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value.strip()):
         raise PayloadError(f"{name}: not a token id: {str(value)[:90]!r}")
     return value.strip()
 
 
 def ident(value: Any, name: str) -> str:
-    """A required id (Gamma id, condition id): non-empty text."""
+    """A required id (Gamma id, condition id): non-empty text, no NUL or lone surrogate.
+
+    An id is never "cleaned" (that would make it another id): a bad one makes
+    the item malformed.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
         raise PayloadError(f"{name}: missing")
+    if _BAD_TEXT.search(value) or len(value) > 200:
+        raise PayloadError(f"{name}: not an id: {value[:60]!r}")
     return value.strip()
 
 
+def opt_id(value: Any, name: str) -> str | None:
+    """An optional id: None or "" -> None, else as ident()."""
+    if value is None or value == "":
+        return None
+    return ident(value, name)
+
+
 def opt_text(value: Any) -> str | None:
-    """Optional text: None or "" -> None; numbers become text."""
+    """Optional text: None or "" -> None; numbers become text; cleaned for PostgreSQL."""
     if value is None or value == "":
         return None
     if isinstance(value, (dict, list)):
         raise PayloadError(f"expected text, got {type(value).__name__}")
-    return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return clean_text(str(value))
 
 
 def opt_bool(value: Any, name: str) -> bool | None:
@@ -212,7 +272,7 @@ def timestamp(value: Any, name: str = "time") -> datetime | None:
 
 def epoch_ms(value: Any, name: str = "timestamp") -> datetime:
     """Epoch milliseconds (string or integer) -> aware UTC datetime, exact to the ms."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _DIGITS_RE.fullmatch(value.strip()):
         ms = int(value.strip())
     elif isinstance(value, int) and not isinstance(value, bool):
         ms = value
@@ -226,7 +286,7 @@ def epoch_ms(value: Any, name: str = "timestamp") -> datetime:
 
 def epoch_s(value: Any, name: str = "timestamp") -> datetime:
     """Epoch seconds (integer or numeric string) -> aware UTC datetime."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _DIGITS_RE.fullmatch(value.strip()):
         value = int(value.strip())
     if not isinstance(value, int) or isinstance(value, bool) or not (_EPOCH_MIN <= value <= _EPOCH_MAX):
         raise PayloadError(f"{name}: not epoch seconds: {str(value)[:40]!r}")

@@ -122,7 +122,7 @@ def classify(obj: Any, seen_at: datetime | None = None) -> Verdict:
     winner = winning_token = None
     if state == "resolved":
         index = next(i for i, v in enumerate(payouts) if v == 1)
-        winner = str(outcomes[index])
+        winner = p.clean_text(str(outcomes[index]))
         winning_token = tokens[index][0] if tokens else None
     resolved_at = (p.timestamp(obj.get("umaEndDate"), "umaEndDate") or p.timestamp(obj.get("closedTime"), "closedTime")
                    or p.timestamp(obj.get("updatedAt"), "updatedAt"))
