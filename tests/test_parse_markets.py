@@ -267,3 +267,19 @@ def test_problem_log_counts_everything_and_logs_at_a_bounded_rate(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2  # t=0 and t=30
     assert "clobTokenIds has 3 ids" in lines[0] and "(+58 more since the last report)" in lines[1]
+
+
+def test_values_postgresql_refuses_are_cleaned_or_the_market_skipped():
+    good = load("gamma_market_live_559651_include_tag.json")
+    dirty = dict(good, question="Will it\x00 rain?", slug="a\ud800b", description=float("nan"),
+                 outcomes='["Yes\\u0000", "No"]')
+    out = markets.parse([dirty])
+    assert out.skipped == 0
+    row = out.table("markets")[0]
+    assert row["question"] == "Will it\ufffd rain?" and row["slug"] == "a\ufffdb"
+    assert row["outcomes"] == ["Yes\ufffd", "No"] and out.table("tokens")[0]["outcome"] == "Yes\ufffd"
+    assert row["raw"]["description"] is None and row["raw"]["question"] == "Will it\ufffd rain?"
+    bad = [dict(good, id="9\x00"), dict(good, id="8", conditionId="0x\ud800"), dict(good, id="7", liquidity="-5"),
+           dict(good, id="6", volume24hr="1e999999"), dict(good, id="5", volume="NaN")]
+    out = markets.parse(bad)
+    assert out.skipped == len(bad) and out.table("markets") == [] and out.table("tokens") == []
