@@ -342,7 +342,7 @@ class Client:
                         stats.latency.append(elapsed)
                         stats.max_s = max(stats.max_s, elapsed)
                         return data
-                    except ValueError:
+                    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
                         problem = f"HTTP {status} with a body that is not JSON ({len(content)} bytes)"
                 elif status == 429:
                     stats.throttled += 1
