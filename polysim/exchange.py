@@ -115,6 +115,7 @@ class Exchange:
             self._add(m)
         base = opts.history
         event = None
+        leg_mids: list[float] = []
         for j in range(opts.markets):
             i = base + j
             created = self.epoch_ms - layout.randint(1, 60) * DAY_MS - layout.randint(0, DAY_MS)
@@ -125,9 +126,14 @@ class Exchange:
                               neg_risk=True, neg_risk_market_id="0x" + hashlib.sha256(
                                   b"polysim:%d:nrm:%d" % (self.seed, i)).hexdigest(),
                               created_ms=created)
+                # Exactly one leg resolves Yes: the legs' Yes prices start summing to about 1.
+                weights = [layout.random() + 0.2 for _ in range(3)]
+                leg_mids = [w / sum(weights) for w in weights]
             elif j % 10 == 3:
                 event = None
-            m = make_market(self.seed, i, gamma_id_for(i), event if j % 10 < 3 else None, created, 0)
+            in_event = j % 10 < 3 and event is not None
+            m = make_market(self.seed, i, gamma_id_for(i), event if in_event else None, created, 0,
+                            leg_mids[j % 10] if in_event else None)
             if m.event.neg_risk:
                 m.created_ms = m.event.created_ms
             m.book_ms = self.epoch_ms

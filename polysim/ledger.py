@@ -1,6 +1,6 @@
 """Ledger: every trade polysim published, in publish order (ground truth for tests).
 
-Stored column-wise in `array`s (32 bytes a trade) so a 30-minute soak at
+Stored column-wise in `array`s (36 bytes a trade) so a 30-minute soak at
 thousands of trades per second stays within a few hundred MB; the wire dicts are
 built only when someone reads them. The transaction hash is recomputed from the
 transaction number (SHA-256 of seed and number), never stored.
@@ -31,8 +31,9 @@ class Ledger:
 
     def __init__(self, seed: int):
         self.seed = seed
-        # 32 bytes a trade: prices fit int16 (units of 0.0001), sizes int32 cents, the
-        # publish time is kept as its offset from the timestamp.
+        # 36 bytes a trade: prices fit int16 (units of 0.0001), sizes int32 cents. The
+        # publish time is a wall-clock ms; timestamps may be simulated (--epoch-ms) and
+        # years away from it, so it gets 64 bits of its own.
         self.market = array("i")
         self.token = array("b")
         self.price = array("h")
@@ -40,11 +41,12 @@ class Ledger:
         self.side = array("b")
         self.ts = array("q")
         self.tx = array("I")
-        self._pub_delta = array("i")
+        self._pub = array("q")
         self.by_market: dict[int, array] = {}
 
     def __len__(self) -> int:
-        return len(self.ts)
+        # The column appended last: a reader thread (json_range) never sees half an entry.
+        return len(self._pub)
 
     def append(self, market: int, token: int, price: int, size: int, side: int, ts: int,
                tx: int, pub: int) -> int:
@@ -57,7 +59,7 @@ class Ledger:
         self.side.append(side)
         self.ts.append(ts)
         self.tx.append(tx)
-        self._pub_delta.append(pub - ts)
+        self._pub.append(pub)
         idx = self.by_market.get(market)
         if idx is None:
             idx = self.by_market[market] = array("i")
@@ -66,7 +68,7 @@ class Ledger:
 
     def pub(self, i: int) -> int:
         """Wall-clock ms at which trade i was handed to the WebSocket writers."""
-        return self.ts[i] + self._pub_delta[i]
+        return self._pub[i]
 
     def json_range(self, start: int, end: int, markets: list) -> str:
         """Entries [start, end) as one JSON array text, formatted directly (no dicts).
@@ -76,12 +78,12 @@ class Ledger:
         """
         parts = []
         mk, tk, pr, sz, sd, ts, tx, pub = (self.market, self.token, self.price, self.size, self.side,
-                                          self.ts, self.tx, self._pub_delta)
+                                          self.ts, self.tx, self._pub)
         seed = self.seed
         for i in range(start, end):
             m = markets[mk[i]]
             parts.append(ENTRY % (i, m.tokens[tk[i]], m.condition_id, PRICE_TEXT[pr[i]], size_text(sz[i]),
-                                  SIDES[sd[i]], ts[i], tx_hash(seed, tx[i]), m.fee_rate_bps, ts[i] + pub[i]))
+                                  SIDES[sd[i]], ts[i], tx_hash(seed, tx[i]), m.fee_rate_bps, pub[i]))
         return "[" + ",".join(parts) + "]"
 
     def entry(self, i: int, markets: list) -> dict:

@@ -105,11 +105,15 @@ def token_id(rng: random.Random) -> str:
     return str(rng.randrange(10**76, 2**256))
 
 
-def seed_book(rng: random.Random, tick: int) -> Book:
-    """A plausible book: a mid away from the edges, 1-3 tick spread, 6-15 levels a side."""
+def seed_book(rng: random.Random, tick: int, mid_hint: float | None = None) -> Book:
+    """A plausible book: a mid away from the edges (or near mid_hint), 1-3 tick spread,
+    6-15 levels a side."""
     book = Book(tick)
     lo, hi = 500 // tick + 1, (ONE - 500) // tick - 1
-    mid = rng.randint(lo, hi) * tick
+    if mid_hint is None:
+        mid = rng.randint(lo, hi) * tick
+    else:
+        mid = min(max(round(mid_hint * ONE / tick), 2), ONE // tick - 2) * tick
     spread = rng.randint(1, 3) * tick
     bid = mid - spread // 2 // tick * tick
     ask = bid + spread
@@ -129,8 +133,9 @@ def seed_book(rng: random.Random, tick: int) -> Book:
 
 
 def make_market(seed: int, index: int, gamma_id: int, event: Event | None,
-                created_ms: int, clob_delay_ms: int) -> Market:
-    """Build market `index` from its own RNG; `event` None means a fresh single-market event."""
+                created_ms: int, clob_delay_ms: int, mid_hint: float | None = None) -> Market:
+    """Build market `index` from its own RNG; `event` None means a fresh single-market event;
+    mid_hint sets the initial Yes mid (neg-risk legs share one probability mass)."""
     rng = random.Random(f"polysim:{seed}:market:{index}")
     subject = rng.choice(SUBJECTS)
     predicate = rng.choice(PREDICATES)
@@ -155,6 +160,6 @@ def make_market(seed: int, index: int, gamma_id: int, event: Event | None,
         event=event, outcomes=outcomes, tokens=tokens, tags=tags,
         fee_rate_bps="0" if rng.random() < 0.8 else "1000",
         created_ms=created_ms, start_ms=start_ms, end_ms=end_ms,
-        clob_ready_ms=created_ms + clob_delay_ms, book=seed_book(rng, tick), rng=rng,
+        clob_ready_ms=created_ms + clob_delay_ms, book=seed_book(rng, tick, mid_hint), rng=rng,
         updated_ms=created_ms, book_ms=created_ms,
     )

@@ -73,6 +73,7 @@ class Server:
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.engine_lag = 0.0
+        self.failed = False
 
     # -- app -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -307,12 +308,19 @@ class Server:
         x, feed, tick = self.exchange, self.feed, self.opts.tick
         budget = max(2000, int(self.opts.trade_rate * tick * 4))
         start = time.monotonic()
-        while not self.stopping.is_set():
-            target = time.monotonic() - start
-            done = x.advance(target, int(time.time() * 1000), budget)
-            feed.flush()
-            self.engine_lag = max(0.0, target - x.t)
-            await asyncio.sleep(0 if done >= budget else tick)
+        try:
+            while not self.stopping.is_set():
+                target = time.monotonic() - start
+                done = x.advance(target, int(time.time() * 1000), budget)
+                feed.flush()
+                self.engine_lag = max(0.0, target - x.t)
+                await asyncio.sleep(0 if done >= budget else tick)
+        except Exception:
+            # An exchange that silently stops publishing would look like a quiet market:
+            # say why and exit non-zero instead.
+            log.exception("polysim engine failed; exiting")
+            self.failed = True
+            self.stopping.set()
 
     async def serve(self, ready=None) -> None:
         self.runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
@@ -354,4 +362,4 @@ def run(opts: Options) -> int:
     except OSError as e:
         print(f"polysim: cannot listen on {opts.host}:{opts.port}: {e.strerror or e}", file=sys.stderr)
         return 69
-    return 0
+    return 70 if server.failed else 0
