@@ -7,6 +7,8 @@ Lifecycle on top of workers.base.Worker:
   step (child, every interval): the subclass's cycle; it calls self.checkpoint()
     between requests, which flushes the writer when due, heartbeats, and raises
     Stopping when SIGTERM arrived, so a long cycle ends within one request.
+  step ends with writer.flush(): a cycle's rows are in PostgreSQL (or the
+    spool) before the wait for the next interval begins.
   shutdown (child): writer.close() flushes to PostgreSQL or the spool.
 status() adds the writer's counters, HTTP totals and per-endpoint latency, the
 last cycle's figures and the malformed-item count; rows_written is what the
@@ -122,7 +124,9 @@ class PollingWorker(Worker):
             self.last_cycle = figures
             self.cycles += 1
             if self.writer is not None:
-                self.writer.maybe_flush()
+                # Rows never wait a whole interval in memory: to PostgreSQL (or the
+                # fsynced spool) at the end of every cycle.
+                self.writer.flush()
 
     def cycle(self, figures: dict) -> None:
         """The subclass's work for one interval; fill `figures` with what the cycle did."""
