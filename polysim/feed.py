@@ -257,6 +257,10 @@ class Feed:
                 self.messages_out += n
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
+        except Exception:
+            # Never leave a socket open with a dead writer: that would be a silent stall.
+            log.exception("WebSocket writer failed; dropping the connection")
+            self._abort(c)
         finally:
             c.closed = True
 
