@@ -367,6 +367,9 @@ def test_resolution_written_once_and_corrected(tmp_path, pg_dsn, quiet_sim):
         res.step()
         res.writer.flush()
         assert res.last_cycle["written"] == 0 and res.last_cycle["checked"] == 4
+        states = res.last_cycle["states"]
+        assert res.last_cycle["unanswered"] == 0 and sum(states.values()) == 4
+        assert set(states) <= {"resolved", "void"}  # polysim's history is settled
         assert query(pg_dsn, "SELECT market_id, status, winning_token_id, updated_at FROM resolutions "
                              "ORDER BY market_id") == first
         # Simulate our own stale row (as if the exchange had said otherwise before):

@@ -236,7 +236,7 @@ class ResolutionsCollector(PollingWorker):
         ids = unsettled_markets(self.db, self._cursor, limit, now - timedelta(hours=self.options["recheck_hours"]))
         self._cursor = ids[-1] if len(ids) == limit else ""  # wrap around after the last page
         states: Counter = Counter()
-        written = corrected = failed = malformed = 0
+        written = corrected = failed = malformed = unanswered = 0
         groups = chunks(ids, self.options["batch"])
         for chunk in groups:
             self.checkpoint()
@@ -248,6 +248,9 @@ class ResolutionsCollector(PollingWorker):
                 self.failure(str(err))
                 continue
             parsed, verdicts = parse(data, seen_at=utcnow())
+            asked = set(chunk)
+            verdicts = [v for v in verdicts if v.market_id in asked]  # only what was asked about
+            unanswered += len(asked - {v.market_id for v in verdicts})  # reopened, or a malformed answer
             if parsed.skipped:
                 malformed += parsed.skipped
                 self.skipped("gamma resolutions", parsed)
@@ -271,6 +274,6 @@ class ResolutionsCollector(PollingWorker):
             self.writer.add(TABLE, rows)
             written += len(rows)
         figures.update(checked=len(ids), written=written, corrected=corrected, malformed=malformed,
-                       failed_batches=failed, states=dict(states))
+                       unanswered=unanswered, failed_batches=failed, states=dict(states))
         if failed < len(groups) or not groups:
             self.success()
