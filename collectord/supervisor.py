@@ -496,16 +496,21 @@ class Supervisor:
         self._send_ready()
         while True:
             now = self.clock()
-            timeout = self._timeout(now)
-            events = self._sel.select(timeout)
+            deadline = self._deadline(now)
+            events = self._sel.select(self._wait(deadline, now))
             now = self.clock()
             exited: list[Child] = []
+            woken = False
             for key, _ in events:
                 kind, child = key.data
                 if kind == "hb":
                     self._read_heartbeats(child, now)
                 elif kind == "pidfd":
                     exited.append(child)
+                else:
+                    woken = True
+            if not (exited or woken or self.signals) and now < deadline:
+                continue  # heartbeats only, nothing due: the cheapest possible turn
             # 1. signals  2. reap  3. apply exits  4. timers  5. spawn
             self._drain_signals()
             self._reap_known(now, candidates=exited)
@@ -522,7 +527,9 @@ class Supervisor:
                 return
             self._maybe_write_status(now)
 
-    def _timeout(self, now: float) -> float | None:
+    def _deadline(self, now: float) -> float:
+        """The earliest time a timer is due (inf: none): restarts, startsecs, resets,
+        SIGKILL deadlines, the watchdog, health lines, a pending status write."""
         deadline = math.inf
         for child in self.children.values():
             deadline = min(deadline, child.state.next_deadline())
@@ -540,6 +547,11 @@ class Supervisor:
             deadline = min(deadline, self._next_health)
             if self._status_dirty:
                 deadline = min(deadline, self._status_due)
+        return deadline
+
+    @staticmethod
+    def _wait(deadline: float, now: float) -> float | None:
+        """The select timeout for `deadline` (None: block until an fd is ready)."""
         if deadline == math.inf:
             return None
         wait = max(0.0, deadline - now)
