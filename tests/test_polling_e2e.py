@@ -473,3 +473,35 @@ def test_bad_options_fail_at_construction_naming_the_key(cls_path, key, value):
     assert info.value.key == key
     ok = cls(name="x", interval="2")  # defaults are valid; nothing is opened before the fork
     assert ok.client is None and ok.writer is None and ok.db is None
+
+
+def test_unsettled_markets_newest_closures_first_and_a_rotation_over_the_rest(pg_dsn):
+    from workers.storage import Database
+    from workers.storage.followed import unsettled_markets
+
+    migrate(pg_dsn)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        for i in range(10):  # m0..m9 closed, m9 most recently; m10 open
+            cur.execute("INSERT INTO markets (market_id, condition_id, closed, closed_time) VALUES (%s, %s, %s, %s)",
+                        (f"m{i}", f"0x{i}", True, t0 + timedelta(hours=i)))
+        cur.execute("INSERT INTO markets (market_id, condition_id, closed) VALUES ('m10', '0xa', false)")
+        # settled long ago (not rechecked), settled recently (rechecked), disputed (not final)
+        cur.execute("INSERT INTO resolutions (market_id, status, first_seen_at) VALUES "
+                    "('m1', 'resolved', %s), ('m2', 'void', %s), ('m3', 'disputed', %s)",
+                    (t0, t0 + timedelta(days=20), t0))
+    conn.close()
+    db = Database(pg_dsn)
+    recheck = t0 + timedelta(days=10)
+    try:
+        recent, rotation = unsettled_markets(db, "", 4, recheck)
+        assert recent == ["m9", "m8"]  # newest closures first
+        assert rotation == ["m0", "m2"]  # by market_id; m1 is settled for good
+        _, rotation = unsettled_markets(db, rotation[-1], 4, recheck)
+        assert rotation == ["m3", "m4"]
+        _, rotation = unsettled_markets(db, "m8", 4, recheck)
+        assert rotation == ["m9"]  # the last page: the caller wraps around
+        everything = set(unsettled_markets(db, "", 100, recheck)[1])
+        assert everything == {f"m{i}" for i in range(10)} - {"m1"}
+    finally:
+        db.close()

@@ -203,7 +203,9 @@ class ResolutionsCollector(PollingWorker):
     Each cycle, in order:
       1. from the database, up to max_markets closed markets with no final
          resolution row, or one first seen within recheck_hours (the exchange
-         may still correct it), walking the whole set by market_id across cycles;
+         may still correct it): half the most recently closed (a new closure is
+         seen within a cycle, however long the backlog), half walking the whole
+         set by market_id across cycles;
       2. per `batch` ids: GET /markets?id=..&id=..&closed=true (a closed market
          is only returned with closed=true), classify() each;
       3. a final verdict is written when the market has no row or its row says
@@ -232,9 +234,12 @@ class ResolutionsCollector(PollingWorker):
 
     def cycle(self, figures: dict) -> None:
         now = utcnow()
-        limit = max(1, self.options["max_markets"])
-        ids = unsettled_markets(self.db, self._cursor, limit, now - timedelta(hours=self.options["recheck_hours"]))
-        self._cursor = ids[-1] if len(ids) == limit else ""  # wrap around after the last page
+        limit = max(2, self.options["max_markets"])
+        recent, rotation = unsettled_markets(self.db, self._cursor, limit,
+                                             now - timedelta(hours=self.options["recheck_hours"]))
+        # the rotation walks the whole backlog across cycles; wrap around after its last page
+        self._cursor = rotation[-1] if len(rotation) == limit - limit // 2 else ""
+        ids = list(dict.fromkeys(recent + rotation))
         states: Counter = Counter()
         written = corrected = failed = malformed = unanswered = 0
         groups = chunks(ids, self.options["batch"])

@@ -120,25 +120,33 @@ def selection_candidates(db, closed_since: datetime | None) -> list[Candidate]:
     return out
 
 
-def unsettled_markets(db, after: str, limit: int, recheck_since: datetime) -> list[str]:
-    """Closed markets the resolutions collector must (re)ask Gamma about, by market_id > after.
+_UNSETTLED = """
+    FROM markets m LEFT JOIN resolutions r ON r.market_id = m.market_id
+    WHERE m.closed IS TRUE
+      AND (r.market_id IS NULL OR r.status NOT IN ('resolved', 'void', 'scalar', 'unknown')
+           OR r.first_seen_at >= %(recheck)s)
+"""
 
-    Those with no resolution row, or a non-final one (disputed/pending), or a
+
+def unsettled_markets(db, after: str, limit: int, recheck_since: datetime) -> tuple[list[str], list[str]]:
+    """Closed markets the resolutions collector must (re)ask Gamma about -> (recent, rotation).
+
+    Unsettled: no resolution row, or a non-final one (disputed/pending), or a
     final one first seen at/after recheck_since (a recent resolution the
-    exchange may still correct). Ordered by market_id so the caller can walk
-    the whole set in pages and start again.
+    exchange may still correct). `recent`: up to limit // 2 of them, most
+    recently closed first, so a market that just closed is asked about within a
+    cycle however long the backlog; `rotation`: up to the rest, by market_id >
+    after, so the caller walks the whole backlog in pages and starts again.
     """
-    rows = db.query(
-        """
-        SELECT m.market_id FROM markets m LEFT JOIN resolutions r ON r.market_id = m.market_id
-        WHERE m.closed IS TRUE AND m.market_id > %s
-          AND (r.market_id IS NULL OR r.status NOT IN ('resolved', 'void', 'scalar', 'unknown')
-               OR r.first_seen_at >= %s)
-        ORDER BY m.market_id LIMIT %s
-        """,
-        (after, recheck_since, limit),
-    )
-    return [r[0] for r in rows]
+    recent_n = max(1, limit // 2)
+    params = {"recheck": recheck_since, "after": after, "recent": recent_n, "rest": max(1, limit - recent_n)}
+    recent = [r[0] for r in db.query(
+        "SELECT m.market_id" + _UNSETTLED + "ORDER BY m.closed_time DESC NULLS LAST, m.market_id LIMIT %(recent)s",
+        params)]
+    rotation = [r[0] for r in db.query(
+        "SELECT m.market_id" + _UNSETTLED + "AND m.market_id > %(after)s ORDER BY m.market_id LIMIT %(rest)s",
+        params)]
+    return recent, rotation
 
 
 def resolution_rows(db, market_ids: list[str]) -> dict[str, dict]:
