@@ -206,3 +206,19 @@ def test_missing_program_and_bad_action(initscript, tmp_path):
     assert initscript("stop").returncode == 0
     r = initscript("frobnicate")
     assert r.returncode == 2 and "Usage" in r.stderr
+
+
+def test_daemon_behind_a_shell_wrapper(initscript, tmp_path):
+    """DAEMON a /bin/sh wrapper: no interpreter to match, so stop goes through `collectord stop`."""
+    wrapper = tmp_path / "collectord-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m collectord "$@"\n')
+    wrapper.chmod(0o755)
+    initscript.defaults.write_text(initscript.defaults.read_text() + f"DAEMON={wrapper}\n")
+    r = initscript("start")
+    assert r.returncode == 0, r
+    pid = read_pid(initscript.pidfile)
+    assert initscript("status").returncode == 0
+    r = initscript("stop")
+    assert r.returncode == 0, r
+    assert wait_gone(pid, 10)
+    assert initscript("status").returncode == 3
