@@ -257,3 +257,22 @@ def test_logrotate_with_watched_file_handler_loses_no_line(tmp_path):
     rotated = tmp_path / "log" / "collectord.log.1"
     assert rotated.read_text() == "before rotation\n"
     assert path.read_text() == "after rotation\n"
+
+
+def test_init_defaults_unit_and_logrotate_agree_with_the_config_defaults():
+    """PID file, program and log paths in etc/ match config.py's root defaults and each other."""
+    dirs = cfgmod.default_dirs(euid=0)
+    settings = {}
+    for line in (ETC / "default" / "collectord").read_text().splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    assert settings["PIDFILE"] == dirs["pidfile"]
+    assert settings["CONFIG"] == cfgmod.SYSTEM_CONFIG
+    assert float(settings["STOP_TIMEOUT"]) > cfgmod.parse("", euid=0).graceful_timeout
+    exec_start = unit_parser()["Service"]["ExecStart"].split()
+    assert exec_start[0] == settings["DAEMON"]
+    assert exec_start[1:4] == ["-c", cfgmod.SYSTEM_CONFIG, "start"]
+    pattern = str(Path(dirs["logfile"]).parent / "*.log")
+    assert pattern in LOGROTATE.read_text()
+    assert Path(dirs["logfile"]).match("*.log")
