@@ -6,8 +6,9 @@ In order:
   2. run the markets collector once in-process (full keyset scan, followed set
      from an empty [selection] = every open market);
   3. run `--cycles` orderbooks cycles and prices cycles with production options
-     (client-side rate limit at 0.4 of the published limits, batch 250), each
-     followed by a writer flush: seconds, HTTP requests, rows, flush time;
+     (client-side rate limit at 0.4 of the published limits, batch 250):
+     seconds, HTTP requests, rows. A cycle ends with its own writer flush, so
+     its seconds include the PostgreSQL writes ("flush s" is what was left);
   4. side by side, the same books fetched raw (no rate limit, no database):
      POST /books in batches of 250 vs one GET /book per token, plus the lower
      bound the published limits put on each (requests / limit per second).
