@@ -127,7 +127,7 @@ def test_unknown_fields_are_counted_not_fatal():
 def test_invalid_trades_yield_no_half_row():
     good = json.loads(lines("ws_market_messages.jsonl")[4])
     bad_values = {"price": ["1.5", "-0.1", "abc", None, True, "NaN"], "size": ["0", "-1", "", None],
-                  "side": ["buy", None], "asset_id": ["0x12", 12, "", "1" * 79], "timestamp": ["1786728467", "x", 1.5],
+                  "side": ["buy", None], "asset_id": ["0x12", 12, "", "1" * 79], "timestamp": ["1786728467", "x", 1.5, "\u0661\u0667\u0668\u0666\u0667\u0662\u0668\u0664\u0666\u0667\u0661\u0660\u0661"],
                   "market": ["abc", None], "transaction_hash": ["nothex", 5]}
     for key, values in bad_values.items():
         for value in values:

@@ -338,3 +338,21 @@ def test_two_shards_split_the_tokens_and_store_every_trade_once(polysim, db, tmp
         assert [stop(pid) for pid in pids] == [0, 0]
         for p in pipes:
             os.close(p.r)
+
+
+def test_market_events_the_database_refuses_are_dropped_alone(db):
+    from workers.messages import parse
+    from workers.storage import gaps as store
+    from workers.storage.db import Database
+    from tests.conftest import DATA
+
+    _, new, resolved = [line for line in (DATA / "ws_market_custom_feature_examples_docs.jsonl").read_text().splitlines()
+                        if line.strip()]
+    good = parse(new).markets[0]
+    nul = dict(parse(resolved).markets[0], winning_outcome="Ye\x00s")
+    surrogate = dict(good, kind="market_resolved", market_id="42", raw={"question": "\ud800"})
+    with Database(db) as handle:
+        now = datetime.now(timezone.utc)
+        assert store.record_market_events(handle, [nul, surrogate, good], now) == 1
+        assert store.record_market_events(handle, [good], now) == 0  # the second copy is a no-op
+    assert query(db, "SELECT kind, market_id FROM market_events") == [("new_market", "1031769")]

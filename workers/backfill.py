@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Callable
 
-from workers.messages import EPOCH, decimal_text
+from workers.messages import EPOCH, decimal_text, is_token_id
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,13 @@ def _quantized(value: Any, quantum: Decimal) -> str | None:
         return None
     try:
         dec = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value))
+        if not dec.is_finite() or dec < 0:
+            return None
+        # quantize raises InvalidOperation when the result needs more digits than the
+        # context's precision (a size of 1e80): that row is invalid, not the whole page.
+        return decimal_text(dec.quantize(quantum, rounding=ROUND_HALF_EVEN))
     except (InvalidOperation, ValueError):
         return None
-    if not dec.is_finite() or dec < 0:
-        return None
-    return decimal_text(dec.quantize(quantum, rounding=ROUND_HALF_EVEN))
 
 
 def rows_from_data_api(payload: Any, tokens: set[str] | None = None) -> tuple[list[dict], int]:
@@ -78,7 +80,7 @@ def rows_from_data_api(payload: Any, tokens: set[str] | None = None) -> tuple[li
         ts = item.get("timestamp")
         tx = item.get("transactionHash")
         condition = item.get("conditionId")
-        if (not isinstance(token, str) or not token.isdigit() or price is None or size is None or size == "0"
+        if (not is_token_id(token) or price is None or size is None or size == "0"
                 or Decimal(price) > 1 or side not in ("BUY", "SELL") or isinstance(ts, bool)
                 or not isinstance(ts, int) or not 0 < ts < 10**11):
             skipped += 1

@@ -113,7 +113,7 @@ def decimal_text(dec: Decimal) -> str:
 
 def ms_time(value: Any) -> datetime:
     """Epoch milliseconds (string or int) -> aware UTC datetime, exact to the millisecond."""
-    if type(value) is str and value.isdigit():
+    if type(value) is str and value.isascii() and value.isdigit():
         ms = int(value)
     elif type(value) is int:
         ms = value
@@ -124,8 +124,13 @@ def ms_time(value: Any) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
+def is_token_id(value: Any) -> bool:
+    """1 to 78 ASCII digits (a uint256 in decimal)."""
+    return type(value) is str and _TOKEN.fullmatch(value) is not None
+
+
 def _token(value: Any) -> str:
-    if type(value) is str and _TOKEN.fullmatch(value):
+    if is_token_id(value):
         return value
     raise Invalid(f"bad token id: {value!r}")
 
@@ -262,7 +267,7 @@ def _ids(value: Any) -> list[str]:
 def _market_event(msg: dict, kind: str) -> dict:
     """new_market / market_resolved -> a normalised event; the raw object is kept too."""
     market_id = msg.get("id")
-    if not (type(market_id) is str and market_id.isdigit()):
+    if not (type(market_id) is str and market_id.isascii() and market_id.isdigit()):
         raise Invalid(f"bad market id: {market_id!r}")
     event = {
         "kind": kind,

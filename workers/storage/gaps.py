@@ -12,10 +12,15 @@ the fork) and raises psycopg2 errors to the caller, which retries on its next tu
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from typing import Iterable
 
+import psycopg2
+
 from .db import Database
+
+log = logging.getLogger(__name__)
 
 
 def followed(db: Database) -> dict[str, tuple[str | None, datetime | None]]:
@@ -63,21 +68,35 @@ def unrecovered(db: Database, tokens: Iterable[str]) -> list[tuple[str, datetime
 
 
 def record_market_events(db: Database, events: list[dict], received_at: datetime) -> int:
-    """Store new_market / market_resolved announcements once (first copy wins)."""
+    """Store new_market / market_resolved announcements once (first copy wins).
+
+    Each event under its own savepoint: one the database refuses (a NUL or a lone
+    surrogate in a text, say) is logged and dropped, never retried forever and never
+    blocking the others. Returns how many were new.
+    """
     if not events:
         return 0
 
     def insert(cur) -> int:
         count = 0
         for e in events:
-            cur.execute(
-                "INSERT INTO market_events (kind, market_id, condition_id, token_ids, winning_token_id,"
-                " winning_outcome, ts, raw, received_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (kind, market_id) DO NOTHING",
-                (e["kind"], e["market_id"], e["condition_id"], json.dumps(e["asset_ids"]),
-                 e.get("winning_token_id"), e.get("winning_outcome"), e["ts"], json.dumps(e["raw"]), received_at),
-            )
+            cur.execute("SAVEPOINT market_event")
+            try:
+                cur.execute(
+                    "INSERT INTO market_events (kind, market_id, condition_id, token_ids, winning_token_id,"
+                    " winning_outcome, ts, raw, received_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (kind, market_id) DO NOTHING",
+                    (e["kind"], e["market_id"], e["condition_id"], json.dumps(e["asset_ids"]),
+                     e.get("winning_token_id"), e.get("winning_outcome"), e["ts"], json.dumps(e["raw"]),
+                     received_at),
+                )
+            except (psycopg2.DataError, psycopg2.IntegrityError, ValueError) as err:
+                cur.execute("ROLLBACK TO SAVEPOINT market_event")
+                log.warning("market event %s %s refused: %s", e.get("kind"), e.get("market_id"),
+                            str(err).splitlines()[0][:200])
+                continue
             count += cur.rowcount
+            cur.execute("RELEASE SAVEPOINT market_event")
         return count
 
     return db.run(insert)
