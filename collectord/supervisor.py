@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import errno
 import json
 import logging
 import math
