@@ -425,3 +425,23 @@ def test_closed_writer_refuses_rows_and_closes_once(db, tmp_path):
     assert w.stats()["rows_written"] == 1
     with pytest.raises(RuntimeError, match="closed"):
         w.add("trades", [trade(ordinal=1)])
+
+
+@pytest.mark.parametrize("query, index", [
+    ("SELECT * FROM trades WHERE token_id = 'x' AND ts >= now() - interval '1 day'", "trades_token_ts_idx"),
+    ("SELECT * FROM price_snapshots WHERE token_id = 'x' ORDER BY ts DESC LIMIT 1", "price_snapshots_pkey"),
+    ("SELECT * FROM orderbook_snapshots WHERE token_id = 'x' AND ts BETWEEN now() - interval '1 hour' AND now()",
+     "orderbook_snapshots_pkey"),
+    ("SELECT * FROM markets WHERE condition_id = 'x'", "markets_condition_id_idx"),
+    ("SELECT * FROM tokens WHERE condition_id = 'x'", "tokens_condition_id_idx"),
+])
+def test_the_documented_queries_have_an_index(db, query, index):
+    conn = psycopg2.connect(db, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET enable_seqscan = off")  # empty tables: make the planner show its index choice
+            cur.execute("EXPLAIN " + query)
+            plan = "\n".join(r[0] for r in cur.fetchall())
+    finally:
+        conn.close()
+    assert index in plan, plan
