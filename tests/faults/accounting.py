@@ -135,6 +135,13 @@ def collect(ledger: list[dict], dsn: str, *, cutoff_ms: int | None = None, resta
     duplicated = sum(max(0, n - published_all[k]) for k, n in stored.items())
     missing_examples = [k for k, n in expected.items() if stored[k] < n][:5]
     dup_examples = [k for k, n in stored.items() if n > published_all[k]][:5]
+    dup_rows = []
+    for k in dup_examples[:3]:
+        dup_rows.append([list(k), published_all[k], [
+            [str(x) for x in r] for r in _query(
+                dsn, "SELECT ordinal, source, ts, received_at FROM trades WHERE token_id = %s AND tx_hash"
+                     " IS NOT DISTINCT FROM %s AND price = %s::numeric AND size = %s::numeric AND side = %s"
+                     " ORDER BY ordinal", k)]])
     gaps = _query(dsn, "SELECT count(*), count(recovered_at), count(*) FILTER (WHERE ended_at IS NULL),"
                        " coalesce(sum(recovered_trades), 0) FROM feed_gaps")[0]
     figures = {
@@ -159,6 +166,7 @@ def collect(ledger: list[dict], dsn: str, *, cutoff_ms: int | None = None, resta
         "rows_rejected": rejected_rows(spool_dir) if spool_dir else 0,
         "missing_examples": [list(k) for k in missing_examples],
         "duplicated_examples": [list(k) for k in dup_examples],
+        "duplicated_rows": dup_rows,  # [key, times published, [[ordinal, source, ts, received_at], ...]]
     }
     figures.update(extra or {})
     return figures
@@ -173,14 +181,14 @@ ORDER = ["ledger_trades", "followed_tokens", "published_followed", "present", "m
 def table(figures: dict, title: str = "accounting") -> str:
     """The figures as an aligned two-column text table (known keys first, then the rest)."""
     keys = [k for k in ORDER if k in figures] + sorted(
-        k for k in figures if k not in ORDER and not k.endswith("_examples"))
+        k for k in figures if k not in ORDER and not k.endswith(("_examples", "_rows")))
     width = max(len(k) for k in keys)
     rule = "-" * (width + 16)
     lines = [rule, f"{title}", rule]
     for k in keys:
         v = figures[k]
         lines.append(f"{k:<{width}}  {v:>12}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}")
-    for k in ("missing_examples", "duplicated_examples"):
+    for k in ("missing_examples", "duplicated_examples", "duplicated_rows"):
         if figures.get(k):
             lines.append(f"{k}: {figures[k]}")
     lines.append(rule)

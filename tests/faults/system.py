@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 TRADES_FAST = dict(
     ping_interval="0.5", pong_timeout="1.0", stall_timeout="2.0", connect_timeout="3", read_timeout="3",
     backoff_initial="0.1", backoff_max="1.0", stable_after="2", refresh_interval="0.5",
-    coverage_interval="0.3", backfill_delay="0.5", backfill_margin="2", connect_stagger="0.05",
+    coverage_interval="0.3", backfill_delay="3", backfill_margin="1", backfill_settle="0.5", connect_stagger="0.05",
     flush_age="0.1", backfill_rate="0",
 )
-POLL_FAST = "rate = 0\ntimeout = 3\nconnect_timeout = 1\nretries = 1\ndeadline = 6\n"
+# HTTP deadline (3 s) below the watchdog (5 s in the fault runs), as 60 s is below 120 s by default.
+POLL_FAST = "rate = 0\ntimeout = 2\nconnect_timeout = 1\nretries = 1\ndeadline = 3\n"
 
 
 def wait_for(pred, timeout: float, every: float = 0.1):
@@ -81,7 +82,7 @@ def fd_count(pid: int) -> int | None:
 
 
 class System:
-    def __init__(self, tmp: Path, dsn: str, sim, *, shards: int = 2, watchdog: float = 4.0,
+    def __init__(self, tmp: Path, dsn: str, sim, *, shards: int = 2, watchdog: float = 5.0,
                  backoff_initial: float = 0.5, backoff_max: float = 2.0, max_restarts: int = 1000,
                  reset_after: float = 600.0, extra: str = "", trades: dict | None = None,
                  polling: bool = True, health_interval: float = 0):
