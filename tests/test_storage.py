@@ -445,3 +445,16 @@ def test_the_documented_queries_have_an_index(db, query, index):
     finally:
         conn.close()
     assert index in plan, plan
+
+
+def test_markets_last_seen_moves_at_most_hourly_when_nothing_changed(writer, db):
+    base = {"market_id": "7", "question": "Q?", "updated_at": T0, "raw": {"v": 1}, "last_seen_at": T0}
+    writer.add("markets", [base])
+    writer.flush()
+    writer.add("markets", [{**base, "last_seen_at": T0 + timedelta(minutes=30)}])  # same payload, 30 min later
+    writer.flush()
+    assert fetch(db, "SELECT last_seen_at FROM markets") == [(T0,)]  # not rewritten
+    writer.add("markets", [{**base, "question": "stale?", "updated_at": T0 - timedelta(days=1), "raw": {"v": 0},
+                            "last_seen_at": T0 + timedelta(hours=2)}])  # an old payload, seen 2 h later
+    writer.flush()
+    assert fetch(db, "SELECT question, last_seen_at FROM markets") == [("Q?", T0 + timedelta(hours=2))]
