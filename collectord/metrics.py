@@ -357,8 +357,8 @@ class MetricsServer:
         self._wake_r = self._wake_w = -1
 
     # -- supervisor seam -----------------------------------------------------
-    def attach_supervisor(self, fd: int) -> None:
-        self.reporter = Reporter(fd)
+    def attach_supervisor(self, fd: int, heartbeat_every: float = 5.0) -> None:
+        self.reporter = Reporter(fd, every=heartbeat_every)
 
     def stop(self) -> None:
         """Signal-handler safe: set the flag, wake the loop."""
@@ -457,9 +457,8 @@ class MetricsServer:
         finally:
             self.server.server_close()
             if self.reporter is not None:
-                self.reporter.report(dict(self.counters), force=True)
+                self.reporter.send(dict(self.counters), force=True)
 
     def _beat(self) -> None:
         if self.reporter is not None:
-            self.reporter.beat()
-            self.reporter.report(dict(self.counters))
+            self.reporter.send(dict(self.counters))

@@ -152,6 +152,7 @@ def _child_main(
     hb_w: int,
     close_fds: tuple[int, ...],
     parent_pid: int,
+    heartbeat_every: float,
 ) -> None:
     """The first and last Python frame of a child process; never returns.
 
@@ -159,10 +160,11 @@ def _child_main(
     handlers, SIGTERM -> obj.stop(); own session and process group; die with the
     parent (PR_SET_PDEATHSIG, then a getppid check for a parent already gone);
     close every fd that is not ours (PID file, siblings' pipes, the parent's
-    selector); process title; unblock signals; attach_supervisor(fd) if the
-    object has it; run(). Exit 0 when run() returns, n on SystemExit(n), 1 with
-    a logged traceback on an exception; always through os._exit after flushing
-    the logs (atexit handlers belong to the parent, e.g. the embedded server).
+    selector); process title; unblock signals; attach_supervisor(fd,
+    heartbeat_every) if the object has it; run(). Exit 0 when run() returns,
+    n on SystemExit(n), 1 with a logged traceback on an exception; always
+    through os._exit after flushing the logs (atexit handlers belong to the
+    parent, e.g. the embedded server).
     """
     code = 1
     try:
@@ -196,7 +198,7 @@ def _child_main(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         attach = getattr(obj, "attach_supervisor", None)
         if callable(attach):
-            attach(hb_w)
+            attach(hb_w, heartbeat_every)
         else:
             os.close(hb_w)
         obj.run()
@@ -594,7 +596,7 @@ class Supervisor:
         os.set_blocking(hb_r, False)
         process = self._ctx.Process(
             target=_child_main,
-            args=(spec, obj, hb_w, self.close_in_child, self._pid),
+            args=(spec, obj, hb_w, self.close_in_child, self._pid, self._heartbeat_every()),
             name=spec.name,
         )
         # Block our signals across the fork: the child resets its handlers before
@@ -729,6 +731,15 @@ class Supervisor:
                 setattr(child, attr, -1)
 
     # -- heartbeats -----------------------------------------------------------------
+    def _heartbeat_every(self) -> float:
+        """How often a child reports: every 5 s, or 4 times per watchdog_timeout if shorter.
+
+        One combined heartbeat+counters message per interval keeps an idle
+        supervisor at a few wakeups per minute per child.
+        """
+        watchdog = self.config.watchdog_timeout
+        return min(5.0, watchdog / 4) if watchdog > 0 else 5.0
+
     def _read_heartbeats(self, child: Child, now: float) -> bool:
         """Read one chunk of newline-delimited JSON: {"hb": t} and {"status": {...}}.
 

@@ -27,8 +27,7 @@ from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_EVERY = 1.0  # seconds between heartbeat messages at most
-REPORT_EVERY = 2.0  # seconds between counter reports at most
+HEARTBEAT_EVERY = 5.0  # default seconds between messages; the supervisor may ask for less
 PIPE_BUF = 4096  # writes up to this size are atomic on a pipe
 
 
@@ -67,22 +66,24 @@ def convert_options(spec: Mapping[str, tuple[Callable[[str], Any], Any]], given:
 class Reporter:
     """Child side of the supervisor pipe: newline-delimited JSON, never blocking.
 
-    Messages: {"hb": t} heartbeats and {"status": {...}} counters. The fd is made
-    non-blocking; a full pipe drops the message (the next one carries the same
-    state), so a slow supervisor can never stall a collector.
+    One message per `every` seconds at most: {"hb": t, "status": {...}}, the
+    heartbeat and the counters together, so an idle supervisor wakes once per
+    interval per child. The fd is made non-blocking; a full pipe drops the
+    message (the next one carries the same state), so a slow supervisor can
+    never stall a collector.
     """
 
-    def __init__(self, fd: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, fd: int, every: float = HEARTBEAT_EVERY, clock: Callable[[], float] = time.monotonic):
         self.fd = fd
+        self.every = every
         self.clock = clock
         os.set_blocking(fd, False)
-        self._last_beat = float("-inf")
-        self._last_report = float("-inf")
+        self._last = float("-inf")
 
     def _send(self, message: dict) -> None:
         data = (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
-        if len(data) > PIPE_BUF:
-            return
+        if len(data) > PIPE_BUF:  # too many counters for an atomic write: heartbeat alone
+            data = (json.dumps({"hb": message["hb"]}) + "\n").encode()
         try:
             os.write(self.fd, data)
         except BlockingIOError:
@@ -91,17 +92,12 @@ class Reporter:
             if err.errno != errno.EPIPE:
                 raise
 
-    def beat(self, force: bool = False) -> None:
+    def send(self, counters: dict, force: bool = False) -> None:
+        """Heartbeat + counters, at most once per `every` seconds unless forced."""
         now = self.clock()
-        if force or now - self._last_beat >= HEARTBEAT_EVERY:
-            self._last_beat = now
-            self._send({"hb": round(time.time(), 3)})
-
-    def report(self, counters: dict, force: bool = False) -> None:
-        now = self.clock()
-        if force or now - self._last_report >= REPORT_EVERY:
-            self._last_report = now
-            self._send({"status": counters})
+        if force or now - self._last >= self.every:
+            self._last = now
+            self._send({"hb": round(time.time(), 3), "status": counters})
 
 
 class Worker:
@@ -136,9 +132,9 @@ class Worker:
         self._wake_r = self._wake_w = -1
 
     # -- supervisor seam ---------------------------------------------------
-    def attach_supervisor(self, fd: int) -> None:
-        """Called in the child by the supervisor: where heartbeats and counters go."""
-        self.reporter = Reporter(fd)
+    def attach_supervisor(self, fd: int, heartbeat_every: float = HEARTBEAT_EVERY) -> None:
+        """Called in the child by the supervisor: where heartbeats and counters go, how often."""
+        self.reporter = Reporter(fd, every=heartbeat_every)
 
     def stop(self) -> None:
         """Signal-handler safe: set the flag, wake the interval wait. Nothing else."""
@@ -157,8 +153,7 @@ class Worker:
     def beat(self) -> None:
         """Heartbeat from the main loop (never from a thread: a hung loop must go silent)."""
         if self.reporter is not None:
-            self.reporter.beat()
-            self.reporter.report(self.status())
+            self.reporter.send(self.status())
 
     def status(self) -> dict:
         """Counters sent to the supervisor; subclasses may add keys."""
@@ -194,7 +189,8 @@ class Worker:
             if left <= 0:
                 break
             self.beat()
-            readable, _, _ = select.select([self._wake_r], [], [], min(left, HEARTBEAT_EVERY))
+            every = self.reporter.every if self.reporter is not None else HEARTBEAT_EVERY
+            readable, _, _ = select.select([self._wake_r], [], [], min(left, every))
             if readable:
                 try:
                     os.read(self._wake_r, 64)
@@ -222,8 +218,6 @@ class Worker:
                 except Exception as err:  # one bad cycle must not kill the process
                     log.exception("%s: step failed", self.name)
                     self.failure(f"{type(err).__name__}: {err}")
-                if self.reporter is not None:
-                    self.reporter.report(self.status(), force=True)
                 now = time.monotonic()
                 next_due += self.interval
                 if next_due < now:  # a slow step delays the next; it never stacks them
@@ -232,4 +226,4 @@ class Worker:
         finally:
             self.shutdown()
             if self.reporter is not None:
-                self.reporter.report(self.status(), force=True)
+                self.reporter.send(self.status(), force=True)
