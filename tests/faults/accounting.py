@@ -104,14 +104,17 @@ def rejected_rows(spool_dir: str | os.PathLike) -> int:
     return sum(len(p.read_text().splitlines()) for p in Path(spool_dir).glob("*/rejected.jsonl"))
 
 
-def collect(ledger: list[dict], dsn: str, *, cutoff_ms: int | None = None, restarts: int = 0,
+def collect(ledger, dsn: str, *, cutoff_ms: int | None = None, restarts: int = 0,
             spool: SpoolWatcher | None = None, spool_dir: str | os.PathLike | None = None,
             extra: dict | None = None) -> dict:
-    """The figures of one run (see the module docstring)."""
+    """The figures of one run (see the module docstring). `ledger` is any iterable of ledger
+    entries (a list, or a generator paging /_sim/ledger), read once."""
     followed = {t: since for t, since in _query(dsn, "SELECT token_id, since FROM followed_tokens")}
     expected: Counter = Counter()
     published_all: Counter = Counter()
+    ledger_count = 0
     for t in ledger:
+        ledger_count += 1
         key = trade_key(t["asset_id"], t["transaction_hash"], t["price"], t["size"], t["side"])
         published_all[key] += 1
         token = t["asset_id"]
@@ -145,7 +148,7 @@ def collect(ledger: list[dict], dsn: str, *, cutoff_ms: int | None = None, resta
     gaps = _query(dsn, "SELECT count(*), count(recovered_at), count(*) FILTER (WHERE ended_at IS NULL),"
                        " coalesce(sum(recovered_trades), 0) FROM feed_gaps")[0]
     figures = {
-        "ledger_trades": len(ledger),
+        "ledger_trades": ledger_count,
         "followed_tokens": len(followed),
         "published_followed": sum(expected.values()),
         "present": present,

@@ -1,0 +1,267 @@
+"""Soak: the whole system for N minutes at R trades/s with faults every few seconds.
+
+    python -m bench soak --minutes 30 --rate 2000            # mixed faults
+    python -m bench soak --minutes 10 --rate 200 --s25       # S25: process chaos only
+
+One run, in order:
+  1. polysim (`--markets`, `--rate` trades/s) on a free loopback port; a fresh schema
+     in `--dsn` (default $COLLECTORD_TEST_DSN), reached through a loopback proxy (so the
+     database can "go away" without stopping the shared server);
+  2. the real supervisor (`python -m collectord -c CONF start --foreground`) with all
+     five collectors (`--shards` trade shards), delays scaled down (tests/faults/system.py);
+  3. faults every `--every-min`..`--every-max` s, drawn from: kill -9 of a child,
+     SIGSTOP+SIGCONT, SIGSTOP until the watchdog kills it, polysim exchange faults
+     (429/5xx/slow/truncated/malformed/cut/extra fields/WS drop/stall/PONG withheld/
+     unknown events/huge frames), pg_terminate_backend of our connections, a database
+     outage (5-15 s; and one of 60 s in runs of 10 minutes or more), rows written first
+     by someone else, and (at most every 5 minutes) kill -9 of the supervisor and a
+     fresh start. With --s25: only kill -9 / SIGSTOP+SIGCONT every 0.5-3 s (scenario S25);
+  4. every `--sample` s: RSS of the supervisor and of every child; after the run the
+     least-squares slope per process after `--warmup` minutes;
+  5. faults stop, the system settles (gaps recovered, spool empty), SIGTERM, then the
+     accounting against polysim's ledger (tests/faults/accounting.py): missing,
+     duplicated, orphans, gaps, restarts, spool bytes replayed; restart delays against
+     the policy; supervisor fd count and RSS.
+Prints the fault counts, the accounting table, the memory table, then one JSON line.
+A benchmark: it asserts nothing, it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.conftest import PolysimProcess, with_schema  # noqa: E402
+from tests.faults import accounting  # noqa: E402
+from tests.faults import scenario as S  # noqa: E402
+from tests.faults.chaos import Chaos, Kill, slope_per_minute  # noqa: E402
+from tests.faults.proxy import Proxy  # noqa: E402
+from tests.faults.system import System, proc_children, rss_kb  # noqa: E402
+
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+INITIAL, MAXIMUM = 0.5, 2.0
+
+
+def start_polysim(args) -> PolysimProcess:
+    cmd = [sys.executable, "-m", "polysim", "--port", "0", "--markets", str(args.markets), "--seed",
+           str(args.seed), "--trade-rate", str(args.rate)]
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("polysim listening on "):
+                return PolysimProcess(proc, int(line.strip().rsplit(":", 1)[1]))
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit("soak: polysim did not start")
+
+
+def ledger_pages(sim: PolysimProcess, page: int = 200_000):
+    """Every ledger entry, fetched page by page (a 30-minute run holds millions)."""
+    since = 0
+    while True:
+        with urllib.request.urlopen(f"{sim.base_url}/_sim/ledger?since={since}&limit={page}", timeout=300) as r:
+            doc = json.loads(r.read())
+        yield from doc["trades"]
+        if not doc["trades"] or doc.get("next") is None or doc["next"] <= since:
+            return
+        since = doc["next"]
+        if since >= doc.get("total", since):
+            return
+
+
+def memory_sample(system: System, samples: dict, t: float) -> None:
+    sup = system.proc.pid if system.proc and system.proc.poll() is None else None
+    if sup is None:
+        return
+    names = {}
+    for name, child in system.children().items():
+        if child.get("pid"):
+            names[child["pid"]] = name
+    for pid, name in [(sup, "supervisor")] + [(p, names.get(p, f"pid {p}")) for p in proc_children(sup)]:
+        rss = rss_kb(pid)
+        if rss is not None:
+            samples.setdefault(name, []).append((t, pid, rss))
+
+
+def mixed_fault(rng, system, sim, proxy, direct, journal, chaos, state, args) -> None:
+    roll = rng.random()
+    now = time.monotonic()
+    if roll < 0.28:
+        got = S.kill_child(system, journal, rng)
+        if got:
+            chaos.kills.append(Kill(got[0], got[1], time.time() - (time.monotonic() - got[2])))
+    elif roll < 0.40:
+        S.stop_cont(system, journal, rng, rng.uniform(0.1, 1.0))
+    elif roll < 0.43:
+        name = rng.choice(sorted(S.live_children(system)) or ["markets"])
+        try:
+            S.stop_child(system, journal, name, args.watchdog)
+        except AssertionError as err:
+            journal.add("watchdog check failed", str(err)[:200])
+    elif roll < 0.73:
+        S.exchange_fault(sim, journal, rng.choice(S.EXCHANGE_FAULTS))
+    elif roll < 0.80:
+        S.terminate_backends(direct, proxy, journal)
+    elif roll < 0.85:
+        S.outage(proxy, journal, rng.uniform(5, 15))
+    elif roll < 0.90:
+        S.conflicting_rows(sim, direct, journal)
+    elif roll < 0.92 and now - state["last_sup_kill"] > 300:
+        state["last_sup_kill"] = now
+        pid = system.kill_supervisor()
+        journal.add("kill -9 supervisor", f"pid {pid}")
+        time.sleep(2)
+        state["orphans_after_sup_kill"] += len(system.orphans())
+        system.start(wait=120)
+        journal.add("fresh start")
+    else:
+        S.exchange_fault(sim, journal, rng.choice(S.EXCHANGE_FAULTS))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--rate", type=float, default=2000.0, help="trades/s polysim publishes")
+    p.add_argument("--markets", type=int, default=50)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--every-min", type=float, default=2.0, help="seconds between faults, at least")
+    p.add_argument("--every-max", type=float, default=6.0, help="seconds between faults, at most")
+    p.add_argument("--s25", action="store_true", help="process chaos only (kill -9 / SIGSTOP+SIGCONT, 0.5-3 s)")
+    p.add_argument("--sample", type=float, default=60.0, help="seconds between RSS samples")
+    p.add_argument("--warmup", type=float, default=None, help="minutes ignored by the memory slope "
+                   "(default: 2, or a fifth of the run if shorter)")
+    p.add_argument("--watchdog", type=float, default=5.0)
+    p.add_argument("--dsn", default=os.environ.get("COLLECTORD_TEST_DSN", DEFAULT_DSN))
+    p.add_argument("--keep", action="store_true", help="keep the run directory and the schema")
+    args = p.parse_args(argv)
+    warmup = args.warmup if args.warmup is not None else min(2.0, args.minutes / 5)
+    rng = random.Random(args.seed)
+
+    base = Path(tempfile.mkdtemp(prefix="collectord-soak-"))
+    schema = "soak_" + uuid.uuid4().hex[:10]
+    admin = psycopg2.connect(args.dsn, connect_timeout=10)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE SCHEMA "{schema}"')
+    direct = with_schema(args.dsn, schema)
+    parts = dict(x.split("=", 1) for x in args.dsn.split())
+    proxy = Proxy((parts.get("host", "127.0.0.1"), int(parts.get("port", 5432)))).start()
+    parts.update(host="127.0.0.1", port=str(proxy.port))
+    proxied = with_schema(" ".join(f"{k}={v}" for k, v in parts.items()), schema)
+    sim = start_polysim(args)
+    system = System(base, proxied, sim, shards=args.shards, watchdog=args.watchdog, backoff_initial=INITIAL,
+                    backoff_max=MAXIMUM, max_restarts=1_000_000)
+    journal = S.Journal()
+    chaos = Chaos(system, rng)
+    spool = accounting.SpoolWatcher(system.spool_dir, every=1.0).start()
+    samples: dict[str, list[tuple[float, int, int]]] = {}
+    state = {"last_sup_kill": time.monotonic(), "orphans_after_sup_kill": 0}
+    code = None
+    settled = False
+    cutoff = None
+    print(f"soak: {args.minutes:g} min at {args.rate:g} trades/s, {args.markets} markets, "
+          f"{'S25 chaos' if args.s25 else 'mixed faults'}; run dir {base}, schema {schema}", flush=True)
+    t_start = time.time()
+    try:
+        system.start(wait=120)
+        end = time.monotonic() + args.minutes * 60
+        next_sample = time.monotonic()
+        long_outage_at = time.monotonic() + args.minutes * 30 if args.minutes >= 10 and not args.s25 else None
+        if args.s25:
+            def tick():
+                nonlocal next_sample
+                if time.monotonic() >= next_sample:
+                    next_sample += args.sample
+                    memory_sample(system, samples, time.time() - t_start)
+            chaos.run(args.minutes * 60, tick=tick)
+        else:
+            chaos._thread.start()  # the monitor only: first sight of pids, zombies, supervisor fds/RSS
+            while time.monotonic() < end:
+                if time.monotonic() >= next_sample:
+                    next_sample += args.sample
+                    memory_sample(system, samples, time.time() - t_start)
+                    print(f"  {int(time.time() - t_start):5d}s faults so far: {journal.counts()}", flush=True)
+                if long_outage_at is not None and time.monotonic() >= long_outage_at:
+                    long_outage_at = None
+                    S.outage(proxy, journal, 60.0)
+                else:
+                    mixed_fault(rng, system, sim, proxy, direct, journal, chaos, state, args)
+                time.sleep(rng.uniform(args.every_min, args.every_max))
+        sim.faults(clear=True)
+        proxy.up()
+        chaos.finish()
+        memory_sample(system, samples, time.time() - t_start)
+        settled = S.quiesce(system, direct, timeout=300)
+        cutoff = accounting.now_ms() - 2000
+        time.sleep(3)
+    finally:
+        code = system.stop(timeout=60)
+        orphans = system.orphans()
+        system.close()
+        spool.stop()
+    delays = chaos.restart_delays(system.log_text(), INITIAL, MAXIMUM)
+    measured = [d for d in delays if d["measured"] is not None and d["announced"] is not None]
+    errors = [abs(d["measured"] - d["announced"]) for d in measured]
+    figures = accounting.collect(ledger_pages(sim), direct, cutoff_ms=cutoff, restarts=system.restarts(),
+                                 spool=spool, spool_dir=system.spool_dir, extra={
+                                     "minutes": args.minutes, "rate": args.rate, "settled": settled,
+                                     "orphans": len(orphans) + state["orphans_after_sup_kill"],
+                                     "supervisor_exit": code, "supervisor_starts": system.starts,
+                                     "kills_measured": len(measured),
+                                     "restart_error_max_s": round(max(errors, default=0.0), 3),
+                                     "restarts_off_by_more_than_0_5s": sum(1 for e in errors if e > 0.5),
+                                     "restarts_not_policy": sum(1 for d in measured
+                                                                if abs(d["announced"] - d["policy"]) > 1e-6),
+                                     "zombies_over_1s": sum(1 for t in chaos.zombie_max.values() if t > 1.0),
+                                     **chaos.supervisor_figures(warmup * 60)})
+    memory = {}
+    for name, rows in sorted(samples.items()):
+        steady = [(t, rss) for t, _, rss in rows if t >= warmup * 60]
+        memory[name] = {"samples": len(rows), "pids": len({pid for _, pid, _ in rows}),
+                        "rss_mb_first": round(rows[0][2] / 1024, 1), "rss_mb_last": round(rows[-1][2] / 1024, 1),
+                        "slope_kb_per_min": round(slope_per_minute(steady), 1) if len(steady) >= 2 else None}
+    print(f"faults: {journal.counts()}")
+    print(accounting.table(figures, f"soak {args.minutes:g} min at {args.rate:g} trades/s"))
+    print(f"memory (RSS each {args.sample:g} s; slope after {warmup:g} min warm-up, least squares):")
+    print(f"  {'process':<14} {'samples':>7} {'pids':>5} {'first MB':>9} {'last MB':>8} {'kB/min':>9}")
+    for name, m in memory.items():
+        print(f"  {name:<14} {m['samples']:>7} {m['pids']:>5} {m['rss_mb_first']:>9} {m['rss_mb_last']:>8} "
+              f"{m['slope_kb_per_min'] if m['slope_kb_per_min'] is not None else '-':>9}")
+    out = dict(figures, memory=memory, faults=journal.counts(), run_dir=str(base))
+    out.pop("duplicated_rows", None)
+    (base / "soak.json").write_text(json.dumps(out, default=str) + "\n")
+    print(json.dumps(out, default=str))
+    sim.stop()
+    proxy.stop()
+    if not args.keep:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        shutil.rmtree(base, ignore_errors=True)
+    admin.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
