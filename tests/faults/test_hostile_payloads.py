@@ -58,6 +58,16 @@ def test_data_api_token_id_must_be_1_to_78_ascii_digits(asset):
     assert out == [] and skipped == 1, out
 
 
+@pytest.mark.parametrize("tx", ["0x\ud800", "0xab\x00cd", "not a hash", "0x" + "ab" * 200])
+def test_data_api_transaction_hash_must_be_hex(tx):
+    """transactionHash goes into the trade key as text: a lone surrogate or NUL makes PostgreSQL
+    refuse the row (a surrogate even stalls the Writer, see below); the live parser refuses such
+    hashes (workers/messages.py _HEX_ID), the backfill must too."""
+    rows = P.load("data_api_trades_row.json")
+    out, skipped = backfill.rows_from_data_api([dict(rows[0], transactionHash=tx)])
+    assert out == [] and skipped == 1, out
+
+
 # -- workers/markets.py parse: text/jsonb values PostgreSQL refuses --------------------------------------
 @pytest.mark.parametrize("field,value", [
     ("question", "Will it\x00 rain?"),       # NUL: text columns refuse it
@@ -110,7 +120,7 @@ def test_spool_unknown_table_does_not_stall_the_writer(pg_dsn, tmp_path):
     row = {"token_id": "1", "ts": NOW, "price": "0.5", "size": "1", "side": "BUY", "tx_hash": "0xab",
            "ordinal": 0, "source": "ws"}
     writer.add("trades", [row])
-    time.sleep(1.5)
+    time.sleep(0.5)
     error = None
     try:
         writer.close()
