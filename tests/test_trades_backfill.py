@@ -242,3 +242,45 @@ def test_window_reaches_past_the_gap_by_margin_and_settlement():
     done = run_queue(queue, {TOKEN})
     assert (api.calls[0]["start"], api.calls[0]["end"]) == (1005, 1225)
     assert [t["ts"].timestamp() for t in done[0].trades] == [1203.0]
+
+
+class GrowingDataApi(DataApi):
+    """New fills keep arriving inside the window while it is paged (the Data API's index lag)."""
+
+    def __init__(self, rows, arrive_at: int):
+        super().__init__(rows)
+        self.arrive_at, self.serial = arrive_at, 0
+
+    def get_json(self, url, params):
+        for _ in range(30):
+            self.serial += 1
+            self.rows.insert(0, api_row(10**6 + self.serial, self.arrive_at))
+        return super().get_json(url, params)
+
+
+def test_pages_never_overlap_while_rows_arrive():
+    """Offset paging over newest-first rows returns a row twice when rows arrive at the head;
+    with no trade id that duplicate would be stored as an exact repeat. Time paging cannot."""
+    t0 = 1_786_000_000
+    api = GrowingDataApi([api_row(i, t0 + i // 10) for i in range(3_000)], arrive_at=t0 + 299)
+    queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, margin=0, page=500,
+                          wall=lambda: float(t0 + 10_000))
+    queue.add(Gap(TOKEN, COND, datetime.fromtimestamp(t0, timezone.utc),
+                  datetime.fromtimestamp(t0 + 299, timezone.utc), "disconnect"))
+    trades = run_queue(queue, {TOKEN})[0].trades
+    assert all(t["ordinal"] == 0 for t in trades)  # every fill has its own tx: no repeat may appear
+    assert len({t["tx_hash"] for t in trades}) == len(trades) >= 3_000
+    assert {f"0x{i:064x}" for i in range(3_000)} <= {t["tx_hash"] for t in trades}
+
+
+def test_a_second_fuller_than_a_page_is_read_by_offset():
+    t0 = 1_786_000_000
+    rows = [api_row(i, t0 + 5) for i in range(1_200)] + [api_row(5_000 + i, t0 + i) for i in range(5)]
+    api = DataApi(rows)
+    queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, margin=0, page=500,
+                          wall=lambda: float(t0 + 1_000))
+    queue.add(Gap(TOKEN, COND, datetime.fromtimestamp(t0, timezone.utc),
+                  datetime.fromtimestamp(t0 + 5, timezone.utc), "stall"))
+    trades = run_queue(queue, {TOKEN})[0].trades
+    assert len(trades) == 1_205 and len({t["tx_hash"] for t in trades}) == 1_205
+    assert any(c["offset"] > 0 and c["start"] == c["end"] == t0 + 5 for c in api.calls)

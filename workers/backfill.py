@@ -133,16 +133,15 @@ class Gap:
 
 @dataclass
 class Job:
-    """Fetch one window for some markets, page by page (splitting it when too deep)."""
+    """Fetch one window for some markets by time-disjoint pages (see BackfillQueue.step)."""
 
     start: int  # epoch seconds, margin included
     end: int
     conditions: list[str]
     gaps: list[Gap]
     windows: list = field(default_factory=list)  # (start, end) still to fetch; the last is current
-    offset: int = 0
+    offset: int = 0  # only inside a single second holding more than a page
     rows: list = field(default_factory=list)
-    mark: int = 0  # len(rows) when the current window started
     requests: int = 0
 
     def __post_init__(self):
@@ -188,12 +187,19 @@ class BackfillQueue:
             raise ValueError("only closed gaps are backfilled")
         self.waiting.append(gap)
 
+    def _due_at(self, gap: Gap) -> float:
+        """When a gap may be fetched: `delay` after its end, and never before its whole
+        window lies in the past (rows still arriving inside a window being paged would
+        shift the pages)."""
+        end = gap.ended_at.timestamp()
+        return max(end + self.delay, math.ceil(end + self.margin + self.settle) + 1.0)
+
     def _plan(self, now: float) -> None:
-        """Group due gaps (ended at least `delay` ago) by window into jobs."""
-        due = [g for g in self.waiting if g.ended_at.timestamp() + self.delay <= now]
+        """Group due gaps by window into jobs."""
+        due = [g for g in self.waiting if self._due_at(g) <= now]
         if not due:
             return
-        self.waiting = [g for g in self.waiting if g.ended_at.timestamp() + self.delay > now]
+        self.waiting = [g for g in self.waiting if self._due_at(g) > now]
         windows: dict[tuple[int, int], list[Gap]] = {}
         for gap in due:
             if not gap.condition_id:
@@ -213,13 +219,21 @@ class BackfillQueue:
 
     def pending(self, now: float) -> bool:
         """True when step() has a request to make now."""
-        return bool(self.jobs) or any(g.ended_at.timestamp() + self.delay <= now for g in self.waiting)
+        return bool(self.jobs) or any(self._due_at(g) <= now for g in self.waiting)
 
     def step(self, tokens: set[str]) -> Done | None:
         """Make at most one request; return a Done when a job finished.
 
         Raises what get_json raises (the job stays queued and is retried).
         `tokens` filters rows to the tokens this process follows.
+
+        Paging is by time, not by offset, because the rows have no id: a fill that
+        two offset pages both return (rows inserted at the newest end shift every
+        offset) would be indistinguishable from a genuine exact repeat and be stored
+        twice. Pages come newest first; a full page of window [a, b] whose oldest
+        second is m keeps its rows newer than m, and the next request asks for
+        [a, m], so every second is taken whole from one answer, and pages never
+        overlap. Only a single second holding more than a page is read by offset.
         """
         now = self.wall()
         if not self.jobs:
@@ -233,21 +247,39 @@ class BackfillQueue:
         payload = self.get_json(self.url, params)
         self.requests += 1
         job.requests += 1
-        page = payload if isinstance(payload, list) else []
-        if len(page) >= self.page and job.offset + 2 * self.page > MAX_OFFSET and end > start:
-            # Too deep for offset paging: split this window and fetch both halves afresh.
-            mid = (start + end) // 2
-            job.windows[-1:] = [(mid + 1, end), (start, mid)]
-            del job.rows[job.mark:]
+        page = [r for r in payload if isinstance(r, dict)] if isinstance(payload, list) else []
+        if isinstance(payload, list) and len(page) < len(payload):
+            self.invalid_rows += len(payload) - len(page)
+        full = len(payload) >= self.page if isinstance(payload, list) else False
+        if not full:
+            job.rows.extend(page)
+            job.windows.pop()
             job.offset = 0
-            return None
-        job.rows.extend(page)
-        if len(page) >= self.page:
+        elif start == end:
+            job.rows.extend(page)
             job.offset += self.page
-            return None
-        job.windows.pop()
-        job.offset = 0
-        job.mark = len(job.rows)
+            if job.offset + self.page > MAX_OFFSET:
+                log.warning("more than %d fills in second %d for %d market(s): the rest is not reachable",
+                            MAX_OFFSET, start, len(job.conditions))
+                job.windows.pop()
+                job.offset = 0
+        else:
+            stamps = [r.get("timestamp") for r in page]
+            oldest = min((t for t in stamps if isinstance(t, int) and not isinstance(t, bool)), default=None)
+            if oldest is None or not start <= oldest <= end:
+                # A page that ignores the window cannot be paged by time: take it as the
+                # last page rather than retrying it forever (its bad rows are skipped).
+                log.warning("Data API page outside window %d..%d; window ends here", start, end)
+                job.rows.extend(page)
+                job.windows.pop()
+                job.offset = 0
+            elif oldest == end:  # the whole page is the newest second: read it alone by offset
+                job.windows[-1:] = [(start, end - 1), (end, end)]
+            else:
+                job.rows.extend(r for r in page if r.get("timestamp") != oldest)
+                job.windows[-1] = (start, oldest)
+            if job.windows:
+                return None
         if job.windows:
             return None
         self.jobs.pop(0)
