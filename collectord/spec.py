@@ -64,6 +64,10 @@ def build_specs(config: Config, dsn: str) -> list[ChildSpec]:
                 kwargs["shards"] = col.shards
             kwargs.update(dict(col.options))
             specs.append(ChildSpec(name=child_name, collector=col.name, target=col.target, kwargs=kwargs))
+    if config.metrics_listen:  # the Prometheus endpoint: an internal child (collectord.metrics)
+        specs.append(ChildSpec(name="metrics", collector="metrics", target="collectord.metrics:MetricsServer",
+                               kwargs={"name": "metrics", "status_path": config.status_path,
+                                       "listen": config.metrics_listen}))
     return specs
 
 

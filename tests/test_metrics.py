@@ -281,3 +281,58 @@ def test_port_in_use_exits_1(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+
+# -- under the real supervisor ---------------------------------------------------
+
+SLEEPER = '''
+import time
+
+class Sleeper:
+    def __init__(self, **kwargs):
+        self.stopping = False
+
+    def run(self):
+        while not self.stopping:
+            time.sleep(0.1)
+
+    def stop(self):
+        self.stopping = True
+'''
+
+
+def test_supervisor_runs_the_metrics_child(tmp_path, pg_dsn):
+    """metrics_listen set: `collectord start` spawns `metrics`; a scrape shows every child."""
+    from collectord.config import BUILTIN_TARGETS
+
+    (tmp_path / "metrics_target_sleeper.py").write_text(SLEEPER)
+    port = free_port()
+    lines = ["[collectord]", f"pidfile = {tmp_path / 'run' / 'collectord.pid'}",
+             f"logfile = {tmp_path / 'collectord.log'}", f"data_dir = {tmp_path / 'data'}",
+             f"dsn = {pg_dsn}", "allow_root = yes", f"metrics_listen = 127.0.0.1:{port}", "graceful_timeout = 5", ""]
+    for name in BUILTIN_TARGETS:
+        lines += [f"[collector:{name}]", "enabled = no", ""]
+    lines += ["[collector:sleeper]", "target = metrics_target_sleeper:Sleeper", ""]
+    conf = tmp_path / "collectord.conf"
+    conf.write_text("\n".join(lines))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    cli = [sys.executable, "-m", "collectord", "-c", str(conf)]
+    start = subprocess.run(cli + ["start"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    try:
+        wait_listening(port, time.monotonic() + 60)
+        deadline = time.monotonic() + 60
+        while True:
+            got = samples(get(f"http://127.0.0.1:{port}/metrics")[1])
+            running = {dict(k[1])["collector"] for k, v in got.items()
+                       if k[0] == "collectord_collector_state" and dict(k[1])["state"] == "RUNNING" and v == 1}
+            if {"sleeper", "metrics"} <= running and got.get(("collectord_up", ())) == 1:
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.5)
+        code, body = get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200, body
+    finally:
+        stop = subprocess.run(cli + ["stop"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
