@@ -177,8 +177,9 @@ def test_steady_run_every_trade_once_and_market_events_once(polysim, db, tmp_pat
         expected = assert_exactly_once(sim, db, tokens)
         assert sum(n for n in expected.values() if n > 1) > 0, "no exact repeats: ordinals untested"
         # The start gap (followed since an hour ago) was backfilled and recorded.
-        gaps = gap_rows(db)
-        assert gaps and all(g[3] == "start" and g[4] is not None for g in gaps)
+        gaps = wait_for(lambda: (g := gap_rows(db)) and all(r[4] is not None for r in g) and g, 15,
+                        what="start gaps recovered")
+        assert {g[0] for g in gaps} == set(tokens) and all(g[3] == "start" for g in gaps)
         # Resolutions announced on the sockets agree with Gamma (stored once: the key).
         resolved = wait_for(lambda: query(db, "SELECT market_id, winning_token_id FROM market_events"
                                               " WHERE kind = 'market_resolved'"), 15, what="a market_resolved")
