@@ -238,17 +238,25 @@ def main(argv: list[str]) -> int:
                                      **chaos.supervisor_figures(warmup * 60)})
     memory = {}
     for name, rows in sorted(samples.items()):
-        steady = [(t, rss) for t, _, rss in rows if t >= warmup * 60]
+        # A killed child comes back as a new process with a fresh heap: the slope is taken over
+        # the longest-lived incarnation's samples after the warm-up, never across pids.
+        by_pid: dict[int, list[tuple[float, float]]] = {}
+        for t, pid, rss in rows:
+            if t >= warmup * 60:
+                by_pid.setdefault(pid, []).append((t, rss))
+        longest = max(by_pid.values(), key=len, default=[])
         memory[name] = {"samples": len(rows), "pids": len({pid for _, pid, _ in rows}),
+                        "slope_samples": len(longest),
                         "rss_mb_first": round(rows[0][2] / 1024, 1), "rss_mb_last": round(rows[-1][2] / 1024, 1),
-                        "slope_kb_per_min": round(slope_per_minute(steady), 1) if len(steady) >= 2 else None}
+                        "slope_kb_per_min": round(slope_per_minute(longest), 1) if len(longest) >= 2 else None}
     print(f"faults: {journal.counts()}")
     print(accounting.table(figures, f"soak {args.minutes:g} min at {args.rate:g} trades/s"))
-    print(f"memory (RSS each {args.sample:g} s; slope after {warmup:g} min warm-up, least squares):")
-    print(f"  {'process':<14} {'samples':>7} {'pids':>5} {'first MB':>9} {'last MB':>8} {'kB/min':>9}")
+    print(f"memory (RSS each {args.sample:g} s; least-squares slope after {warmup:g} min warm-up, over the "
+          "longest-lived pid of each process name):")
+    print(f"  {'process':<14} {'samples':>7} {'pids':>5} {'first MB':>9} {'last MB':>8} {'slope n':>7} {'kB/min':>9}")
     for name, m in memory.items():
         print(f"  {name:<14} {m['samples']:>7} {m['pids']:>5} {m['rss_mb_first']:>9} {m['rss_mb_last']:>8} "
-              f"{m['slope_kb_per_min'] if m['slope_kb_per_min'] is not None else '-':>9}")
+              f"{m['slope_samples']:>7} {m['slope_kb_per_min'] if m['slope_kb_per_min'] is not None else '-':>9}")
     out = dict(figures, memory=memory, faults=journal.counts(), run_dir=str(base))
     out.pop("duplicated_rows", None)
     (base / "soak.json").write_text(json.dumps(out, default=str) + "\n")
