@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import struct
 import time
 import zlib
@@ -75,8 +76,36 @@ def encode(record: Record) -> bytes:
 
 
 def decode_payload(payload: bytes) -> Record:
-    obj = json.loads(payload.decode("utf-8", "surrogatepass"))
-    return Record(obj["t"], list(obj["c"]), obj["r"])
+    """The record in payload; ValueError unless it has exactly the shape encode() writes.
+
+    A CRC only proves the bytes are the ones written, not that this version
+    wrote them (or that anyone honest did): a table name that is not a
+    non-empty string, columns that are not strings, rows that are not lists of
+    len(columns) strings-or-null are corruption, never half a record.
+    """
+    try:
+        obj = json.loads(payload.decode("utf-8", "surrogatepass"))
+    except RecursionError:  # "[[[[...": a nesting depth no record of ours has
+        raise ValueError("nested too deeply") from None
+    if type(obj) is not dict:
+        raise ValueError(f"a {type(obj).__name__}, not an object")
+    table, columns, rows = obj.get("t"), obj.get("c"), obj.get("r")
+    if type(table) is not str or not table:
+        raise ValueError("table is not a non-empty string")
+    if type(columns) is not list or not columns or any(type(c) is not str or not c for c in columns):
+        raise ValueError("columns are not a list of non-empty strings")
+    if len(set(columns)) != len(columns):
+        raise ValueError("a column is named twice")
+    if type(rows) is not list:
+        raise ValueError("rows are not a list")
+    width = len(columns)
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            raise ValueError(f"a row is not a list of {width} values")
+        for value in row:
+            if type(value) is not str and value is not None:
+                raise ValueError(f"a value is a {type(value).__name__}, not a string or null")
+    return Record(table, columns, rows)
 
 
 class Spool:
@@ -101,8 +130,17 @@ class Spool:
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> None:
-        """Create the directory, take the lock, find the segments left by earlier runs."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Create the directory, check who can write it, take the lock, find earlier segments.
+
+        Whatever sits in the spool is replayed into PostgreSQL as it is, so a
+        spool another account can write to is a way to inject rows: a directory
+        (or segment) owned by another user (root excepted), or one writable by
+        group/others that we cannot tighten, is refused with SpoolError. Our own
+        directory found group/world-writable is tightened, with a warning.
+        """
+        self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self._check_directory()
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,10 +149,52 @@ class Spool:
             raise SpoolError(f"spool {self.directory} is in use by another process") from None
         self._lock_fd = fd
         existing = sorted(p for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
+        try:
+            self._check_segments(existing)
+        except BaseException:
+            os.close(fd)
+            self._lock_fd = -1
+            raise
         self._segments = {p: p.stat().st_size for p in existing}
         self.bytes = sum(self._segments.values())
         self.count = len(self._segments)
         self._next_seq = (int(existing[-1].stem) + 1) if existing else 1
+
+    def _check_directory(self) -> None:
+        st = os.stat(self.directory)
+        euid = os.geteuid()
+        loose = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st.st_uid not in (euid, 0):
+            raise SpoolError(
+                f"spool {self.directory} is owned by uid {st.st_uid}, not by this process (uid {euid}): "
+                "that account could inject rows through it; chown it to this account or remove it"
+            )
+        if not loose:
+            return
+        if st.st_uid == euid:
+            os.chmod(self.directory, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+            log.warning(
+                "spool %s was writable by group/others (mode %04o), so other accounts could inject rows; "
+                "permissions tightened to %04o (check the segments in it)",
+                self.directory, stat.S_IMODE(st.st_mode), stat.S_IMODE(st.st_mode) & ~loose,
+            )
+            return
+        raise SpoolError(
+            f"spool {self.directory} is owned by root and writable by group/others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): other accounts could inject rows through it; chmod go-w it"
+        )
+
+    def _check_segments(self, segments: list[Path]) -> None:
+        """A segment another account owns or can write is not ours to replay."""
+        euid = os.geteuid()
+        for path in segments:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != euid or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise SpoolError(
+                    f"spool segment {path} is not a regular file of this account (uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}): it could carry injected rows; inspect it and move it "
+                    "out of the spool"
+                )
 
     def close(self) -> None:
         """Seal the active segment and release the lock."""
@@ -215,7 +295,7 @@ class Spool:
                     else:
                         try:
                             record = decode_payload(payload)
-                        except (ValueError, KeyError, TypeError) as err:
+                        except (ValueError, KeyError, TypeError, RecursionError, MemoryError) as err:
                             reason = f"undecodable record ({err})"
             if reason is not None:
                 self._corrupt(segment, data, pos, reason)
@@ -255,14 +335,24 @@ class Spool:
     # -- rejected rows -----------------------------------------------------------
     def reject(self, table: str, columns: list[str], row: list, error: str) -> None:
         """Append a row the database refused (data error) to rejected.jsonl, durably."""
-        line = json.dumps(
-            {"at": round(time.time(), 3), "table": table, "error": error, "row": dict(zip(columns, row))},
-            ensure_ascii=True,  # survives any string, lone surrogates included
-            separators=(",", ":"),
-        )
+        self.reject_rows(table, columns, [row], error)
+
+    def reject_rows(self, table: str, columns: list[str], rows: list[list], error: str) -> None:
+        """Append rows that cannot be written to rejected.jsonl (one line each), one fsync for all."""
+        at = round(time.time(), 3)
+        data = "".join(
+            json.dumps(
+                {"at": at, "table": table, "error": error, "row": dict(zip(columns, row))},
+                ensure_ascii=True,  # survives any string, lone surrogates included
+                separators=(",", ":"),
+            ) + "\n"
+            for row in rows
+        ).encode("utf-8")
         fd = os.open(self.directory / "rejected.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, (line + "\n").encode("utf-8"))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if self.fsync:
                 os.fsync(fd)
         finally:
