@@ -11,15 +11,17 @@ Nothing here opens a connection at import or construction time: construct in
 the parent, connect in the child.
 """
 
-from .db import Database, connect, is_connection_error, is_data_error
+from .db import Database, DsnSyntaxError, connect, is_connection_error, is_data_error
 from .migrate import MigrationError, current_version, migrate
 from .spool import Spool, SpoolError
 from .tables import TABLES, Table
-from .writer import Writer
+from .writer import RowsLostError, Writer
 
 __all__ = [
     "Database",
+    "DsnSyntaxError",
     "MigrationError",
+    "RowsLostError",
     "Spool",
     "SpoolError",
     "TABLES",

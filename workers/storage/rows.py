@@ -129,6 +129,47 @@ def copy_text(rows: list[list[str | None]]) -> str:
     return "\n".join(out)
 
 
+def unsendable(row: list[str | None]) -> str | None:
+    """Why PostgreSQL cannot take this converted row as text (None when it can).
+
+    A NUL character (no text or jsonb value may hold one) or a lone surrogate
+    (JSON "\\ud800" decodes to one; it has no UTF-8 encoding) in any value.
+    Either would fail the whole COPY, so such rows are refused one by one.
+    """
+    for value in row:
+        if value is None:
+            continue
+        if "\x00" in value:
+            return "NUL character in a text value"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone surrogate in a text value (not encodable as UTF-8)"
+    return None
+
+
+def copy_data(rows: list[list[str | None]]) -> tuple[bytes, list[list[str | None]], list[tuple[list, str]]]:
+    """(COPY text as UTF-8 bytes, the rows in it, [(row, reason)] for rows left out).
+
+    The common case costs one scan and one encode of the whole text; only when
+    that finds a NUL or a lone surrogate are rows checked one by one.
+    """
+    text = copy_text(rows)
+    if "\x00" not in text:
+        try:
+            return text.encode("utf-8"), rows, []
+        except UnicodeEncodeError:
+            pass
+    kept, refused = [], []
+    for row in rows:
+        reason = unsendable(row)
+        if reason is None:
+            kept.append(row)
+        else:
+            refused.append((row, reason))
+    return copy_text(kept).encode("utf-8"), kept, refused
+
+
 # Fast paths inlined per column type (the common value types skip a function
 # call); anything else falls back to the converter above, which validates.
 _INLINE = {

@@ -55,7 +55,7 @@ import psycopg2.extras
 
 from .db import _inherited, connect
 from .db import is_connection_error as _is_connection_error
-from .rows import CONVERTERS, copy_text, row_converter
+from .rows import CONVERTERS, copy_data, row_converter, unsendable
 from .spool import Record, Spool
 from .tables import TABLES, Table
 
@@ -65,6 +65,14 @@ MAX_ROWS = 5000
 MAX_AGE = 0.5  # seconds; with a loop calling maybe_flush often, latency stays < 1 s
 METHODS = ("copy", "values")
 
+
+
+class RowsLostError(RuntimeError):
+    """close() could deliver some rows neither to the database nor to the spool (they are gone)."""
+
+    def __init__(self, message: str, rows: int):
+        super().__init__(message)
+        self.rows = rows
 
 
 class Writer:
@@ -147,6 +155,7 @@ class Writer:
             "rows_spooled": 0,
             "rows_replayed": 0,
             "rows_rejected": 0,
+            "rows_lost": 0,  # rows close() could put neither in the database nor in the spool
             "spool_corruptions": 0,
             "db_errors": 0,
             "last_batch_ms": None,
@@ -184,6 +193,10 @@ class Writer:
         spooled instead), plus at most one connect_timeout; so a supervisor's
         graceful_timeout above close_timeout + connect_timeout never has to
         SIGKILL a writer holding rows only in memory.
+
+        Rows that end in neither (database down and the spool unwritable) are
+        logged at error level as LOST, counted in rows_lost, and RowsLostError
+        is raised after everything is closed: the caller must not exit 0.
         """
         if self._closed:
             return
@@ -204,11 +217,30 @@ class Writer:
                 self._next_try = 0.0
                 left = max(0.0, self._close_deadline - time.monotonic())
                 self._deliver_and_replay(batch, replay_budget=left)
+        except Exception as err:  # whatever it was, the rows still in memory are reported below
+            log.exception("%s: closing failed", self.name)
+            self.counters["last_error"] = _one_line(err)
         finally:
             with self._io:
+                lost, self._held = self._held, []
                 self._drop_connection()
                 if self.spool is not None:
                     self.spool.close()
+        if lost:
+            self._lost(lost)
+
+    def _lost(self, records: list[Record]) -> None:
+        """Rows that reached neither the database nor the spool at close: say so, count them, raise."""
+        rows = sum(len(r.rows) for r in records)
+        tables = sorted({r.table for r in records})
+        cause = self.counters["last_error"] or "unknown"
+        self.counters["rows_lost"] += rows
+        log.error(
+            "%s: %d row(s) of %s LOST at close: the database is unreachable and the spool %s cannot take "
+            "them (%s)", self.name, rows, ", ".join(tables), self.spool_path, cause,
+        )
+        raise RowsLostError(f"{self.name}: {rows} row(s) lost at close: neither the database nor the spool "
+                            f"{self.spool_path} took them ({cause})", rows)
 
     def __enter__(self) -> "Writer":
         return self.open()
@@ -353,11 +385,9 @@ class Writer:
             try:
                 with self._io:
                     self._deliver_and_replay(batch)
-            except Exception as err:  # a bug must not lose the batch or kill the thread
+            except Exception as err:  # a bug must not lose the batch (held again above) or kill the thread
                 log.exception("%s: flusher failed; holding the batch", self.name)
                 self.counters["last_error"] = _one_line(err)
-                with self._io:
-                    self._held.extend(batch)
             with self._cv:
                 if ticket:
                     self._delivered = ticket
@@ -373,10 +403,21 @@ class Writer:
 
     # -- delivery (under _io) -----------------------------------------------------------
     def _deliver_and_replay(self, batch: list[Record], replay_budget: float | None = None) -> None:
-        batch = self._held + batch
-        self._held = []
+        """Held batches first, then batch: to the database or the spool; then replay the spool.
+
+        If delivery raises (a bug), every record of it is held again (writing a
+        record twice is harmless: ON CONFLICT), so nothing leaves memory unsaved.
+        """
+        if self._held:
+            batch = self._held + batch
+            self._held = []
         if batch:
-            self._deliver(batch)
+            try:
+                self._deliver(batch)
+            except BaseException:
+                again = [r for r in self._held if not any(r is b for b in batch)]
+                self._held = batch + again
+                raise
         self._replay(self.replay_budget if replay_budget is None else replay_budget)
 
     def _deliver(self, batch: list[Record]) -> None:
@@ -476,24 +517,36 @@ class Writer:
         self._delay = min(self._delay * 2, self.retry_max)
 
     def _write(self, batch: list[Record]) -> None:
-        """All records in one transaction; raises (after rollback) on any error."""
+        """All records in one transaction; raises (after rollback) on any error.
+
+        Rows no PostgreSQL text can carry (NUL, lone surrogate) are left out of
+        the transaction and, once it committed, go to rejected.jsonl.
+        """
         conn = self._connection()
         started = time.perf_counter()
         inserted = 0
+        refused: list[tuple[str, list, str]] = []
         try:
             staged: set[str] = set()
             with conn.cursor() as cur:
                 self._bound_by_close(cur)
                 for record in batch:
-                    inserted += self._insert(cur, TABLES[record.table], record, staged)
+                    inserted += self._insert(cur, TABLES[record.table], record, staged, refused)
             conn.commit()
         except BaseException:
             self._rollback(conn)
             raise
         self.counters["last_batch_ms"] = round((time.perf_counter() - started) * 1000, 2)
         self.counters["batches"] += 1
-        self.counters["rows_written"] += sum(len(r.rows) for r in batch)
+        self.counters["rows_written"] += sum(len(r.rows) for r in batch) - len(refused)
         self.counters["rows_inserted"] += inserted
+        for table, row, reason in refused:
+            self._rejected(table, TABLES[table].column_names, row, reason)
+
+    def _rejected(self, table: str, columns, row: list, error: str) -> None:
+        self.spool.reject(table, list(columns), row, error)
+        self.counters["rows_rejected"] += 1
+        log.error("%s: %s row rejected: %s (kept in %s)", self.name, table, error, self.spool_path / "rejected.jsonl")
 
     def _bound_by_close(self, cur) -> None:
         """While closing: this transaction's statements may only use what is left of close_timeout."""
@@ -509,26 +562,43 @@ class Writer:
         if conn.closed:
             self._drop_connection()
 
-    def _insert(self, cur, table: Table, record: Record, staged: set[str]) -> int:
+    def _insert(self, cur, table: Table, record: Record, staged: set[str], refused: list) -> int:
+        """One record into its table (inside the caller's transaction); returns rows inserted/changed.
+
+        Rows PostgreSQL cannot receive as text are appended to refused as
+        (table, row, reason) instead of failing the whole statement.
+        """
         rows = record.rows
         if record.columns != list(table.column_names):
             # A spool written by another version of the table list: align by name.
             rows = [self._aligned(table, record, row) for row in rows]
         if self.method == "copy":
+            data, rows, bad = copy_data(rows)
+            refused.extend((table.name, row, reason) for row, reason in bad)
+            if not rows:
+                return 0
             stage = f"_stage_{table.name}"
             if table.name in staged:  # a second record of this table in one transaction
                 cur.execute(f"DELETE FROM {stage}")
             staged.add(table.name)
-            text = copy_text(rows)
             # One read of the whole buffer: psycopg2 would otherwise read 8 kB at a
             # time, re-taking the GIL for each chunk (slow when another thread runs).
             cur.copy_expert(
-                f"COPY {stage} ({', '.join(table.column_names)}) FROM STDIN", io.StringIO(text), size=len(text) + 1
+                f"COPY {stage} ({', '.join(table.column_names)}) FROM STDIN", io.BytesIO(data), size=len(data) + 1
             )
             cur.execute(table.insert_from(f"{stage} AS s"))
             return cur.rowcount  # the staged rows vanish at commit (ON COMMIT DELETE ROWS)
+        kept = []
+        for row in rows:
+            reason = unsendable(row)
+            if reason is None:
+                kept.append(row)
+            else:
+                refused.append((table.name, row, reason))
+        if not kept:
+            return 0
         sql, template = _values_sql(table)
-        psycopg2.extras.execute_values(cur, sql, rows, template=template, page_size=max(1, len(rows)))
+        psycopg2.extras.execute_values(cur, sql, kept, template=template, page_size=max(1, len(kept)))
         return cur.rowcount
 
     def _isolate(self, batch: list[Record], first: BaseException) -> list[Record]:
@@ -587,10 +657,7 @@ class Writer:
         self.counters["rows_written"] += written
         self.counters["rows_inserted"] += inserted
         for row, error in rejected:
-            self.spool.reject(record.table, record.columns, row, error)
-            log.error("%s: %s row rejected by the database: %s (kept in %s)", self.name, record.table, error,
-                      self.spool_path / "rejected.jsonl")
-        self.counters["rows_rejected"] += len(rejected)
+            self._rejected(record.table, record.columns, row, f"refused by the database: {error}")
 
     @staticmethod
     def _aligned(table: Table, record: Record, row: list) -> list:
@@ -619,6 +686,12 @@ class Writer:
             offset = self._replay_at[1] if self._replay_at and self._replay_at[0] == segment else 0
             corrupt_before = len(spool.corruptions)
             for record, end in spool.read(segment, offset):
+                foreign = self._unwritable(record)
+                if foreign:
+                    self._quarantine(record, foreign)
+                    offset = end
+                    self._replay_at = (segment, offset)
+                    continue
                 try:
                     self._write([record])
                 except Exception as err:
@@ -640,6 +713,30 @@ class Writer:
             log.info("%s: replayed spool segment %s", self.name, segment.name)
             if self.clock() >= deadline:
                 return
+
+    @staticmethod
+    def _unwritable(record: Record) -> str | None:
+        """Why a spooled record cannot be written by this version (None when it can).
+
+        A table or column this version does not know (a spool written by a newer
+        version, or damaged): writing it would raise for ever, or silently drop
+        the unknown columns' values.
+        """
+        table = TABLES.get(record.table)
+        if table is None:
+            return f"unknown table {record.table!r}"
+        unknown = set(record.columns) - set(table.column_names)
+        if unknown:
+            return f"unknown column(s) {sorted(unknown)} in {record.table}"
+        return None
+
+    def _quarantine(self, record: Record, reason: str) -> None:
+        """Set a spooled record aside in rejected.jsonl (replay goes on after it), loudly."""
+        self.spool.reject_rows(record.table, record.columns, record.rows, f"not replayable: {reason}")
+        self.counters["rows_rejected"] += len(record.rows)
+        self.counters["last_error"] = f"spool: {reason}"[:300]
+        log.error("%s: spooled record with %d row(s) not replayable (%s); kept in %s", self.name,
+                  len(record.rows), reason, self.spool_path / "rejected.jsonl")
 
 
 def _is_row_error(err: BaseException) -> bool:
