@@ -352,6 +352,8 @@ def _check_database(config: Config) -> tuple[bool, str]:
         return False, f"database: cannot load the storage module ({err})"
     try:
         conn = storage.connect(dsn, application_name="collectord check", statement_timeout=10, connect_timeout=5)
+    except storage.DsnSyntaxError as err:  # unparsable: where its password ends is unknown, so no DSN shown
+        return False, f"database: FAILED: {err}"
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return False, f"database: FAILED {redact_dsn(dsn)}: {redact_dsn(first)}"
@@ -436,6 +438,8 @@ def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
             dsn = embedded.uri
         try:
             applied = storage.migrate(dsn)
+        except storage.DsnSyntaxError as err:  # unparsable: where its password ends is unknown, so no DSN shown
+            raise CollectordError(f"db upgrade failed: {err}") from None
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CollectordError(f"db upgrade failed on {redact_dsn(dsn)}: {redact_dsn(first)}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import psycopg2
@@ -35,6 +36,38 @@ TCP_USER_TIMEOUT_MS = 20000
 _inherited: list[Any] = []
 
 
+class DsnSyntaxError(psycopg2.ProgrammingError):
+    """The DSN does not parse. The message never quotes the DSN: libpq's own does
+    (`missing "=" after "<word>"`), and that word can be part of a password."""
+
+
+# libpq's connection keywords: the only words of a broken DSN a message may name.
+_KEYWORDS = frozenset(
+    "host hostaddr port dbname user password passfile channel_binding connect_timeout client_encoding options "
+    "application_name fallback_application_name keepalives keepalives_idle keepalives_interval keepalives_count "
+    "tcp_user_timeout replication gssencmode sslmode requiressl sslcompression sslcert sslkey sslpassword "
+    "sslrootcert sslcrl sslcrldir sslsni requirepeer ssl_min_protocol_version ssl_max_protocol_version krbsrvname "
+    "gsslib service target_session_attrs load_balance_hosts".split()
+)
+
+
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """The DSN's parameters (URI or key=value form); DsnSyntaxError if it does not parse."""
+    try:
+        return psycopg2.extensions.parse_dsn(dsn or "")
+    except psycopg2.ProgrammingError:
+        pass
+    text = dsn or ""
+    if "://" in text.split("?")[0]:
+        hint = "a postgresql:// URI; percent-encode special characters in the user name and password"
+    else:
+        keys = [k for k in dict.fromkeys(re.findall(r"([A-Za-z_]+)\s*=", text)) if k in _KEYWORDS]
+        hint = "key=value pairs; single-quote a value that holds spaces or quotes"
+        if keys:
+            hint += f"; keys seen: {', '.join(keys)}"
+    raise DsnSyntaxError(f"invalid dsn syntax ({hint})") from None
+
+
 def connect(
     dsn: str,
     *,
@@ -44,12 +77,13 @@ def connect(
 ) -> psycopg2.extensions.connection:
     """Open a connection to dsn (URI or key=value form).
 
-    In order: parse the DSN, add connect_timeout, keepalives and
+    In order: parse the DSN (DsnSyntaxError, which never quotes it, when
+    it does not parse), add connect_timeout, keepalives and
     tcp_user_timeout unless the DSN sets them, append `-c statement_timeout=...`
     to the DSN's own `options` (which may carry a search_path), connect.
     statement_timeout None or 0 leaves the server's setting alone.
     """
-    params = psycopg2.extensions.parse_dsn(dsn or "")
+    params = parse_dsn(dsn)
     params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
     for key, value in KEEPALIVES.items():
         params.setdefault(key, str(value))
