@@ -105,6 +105,7 @@ def test_faults_nothing_lost_nothing_doubled(tmp_path, proxied_dsn, pg_proxy, po
         time.sleep(2)
         assert settled, f"not settled: {system.children()}\n{system.log_tail()}"
         open_before_stop = S.query(direct, "SELECT count(*) FROM feed_gaps WHERE recovered_at IS NULL")[0][0]
+        exchange_markets = sim.health()["markets"]
     finally:
         code = system.stop()
         orphans = system.orphans()
@@ -124,6 +125,15 @@ def test_faults_nothing_lost_nothing_doubled(tmp_path, proxied_dsn, pg_proxy, po
     assert figures["duplicated"] == 0, figures
     assert figures["rows_rejected"] == 0, figures
     assert open_before_stop == 0
+    # The polling collectors came through the same faults with whole, sane tables.
+    polled = S.query(direct, "SELECT (SELECT count(*) FROM markets), (SELECT count(*) FROM price_snapshots),"
+                             " (SELECT count(*) FROM orderbook_snapshots),"
+                             " (SELECT count(*) FROM price_snapshots WHERE best_bid NOT BETWEEN 0 AND 1"
+                             "    OR best_ask NOT BETWEEN 0 AND 1 OR mid NOT BETWEEN 0 AND 1),"
+                             " (SELECT count(*) FROM orderbook_snapshots WHERE bid_levels <> jsonb_array_length(bids)"
+                             "    OR ask_levels <> jsonb_array_length(asks))")[0]
+    assert polled[0] == exchange_markets and polled[1] > 0 and polled[2] > 0, polled
+    assert polled[3] == 0 and polled[4] == 0, polled
     # Bad input and outages are logged in one line and counted: no traceback anywhere.
     assert not _tracebacks(log), _tracebacks(log)[:3]
 
