@@ -98,11 +98,11 @@ def follow(port: int, dsn: str) -> list[str]:
     return tokens
 
 
-def fork_collector(port: int, dsn: str, data_dir: str) -> int:
+def fork_collector(port: int, dsn: str, data_dir: str, options: dict) -> int:
     base = f"http://127.0.0.1:{port}"
     collector = TradesCollector(name="trades.0", dsn=dsn, data_dir=data_dir, ws_url=f"ws://127.0.0.1:{port}/ws/market",
                                 data_url=base + "/data", gamma_url=base + "/gamma", clob_url=base + "/clob",
-                                backfill_delay="1", refresh_interval="2")
+                                backfill_delay="1", backfill_settle="0", refresh_interval="2", **options)
     pid = os.fork()
     if pid == 0:
         code = 0
@@ -140,6 +140,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--poll", type=float, default=0.02)
     ap.add_argument("--sample", type=int, default=8, help="sample 1 in N tokens for delays")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [collector:trades] option for the listener (repeatable), e.g. flush_age=0.25")
     ap.add_argument("--quick", action="store_true", help="small and short (CI)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -157,7 +159,8 @@ def main(argv: list[str]) -> int:
         migrate(dsn)
         tokens = follow(port, dsn)
         sample = sorted(tokens)[:: max(1, args.sample)]
-        pid = fork_collector(port, dsn, data_dir)
+        options = dict(o.split("=", 1) for o in args.option)
+        pid = fork_collector(port, dsn, data_dir, options)
         mon = psycopg2.connect(dsn)
         mon.autocommit = True
         cur = mon.cursor()
@@ -233,7 +236,7 @@ def main(argv: list[str]) -> int:
     committed = (n_end - n_start) / window
     published = published_in_window / window
     result = {
-        "bench": "ingest", "trade_rate": args.trade_rate, "markets": args.markets, "tokens": len(tokens),
+        "bench": "ingest", "options": args.option, "trade_rate": args.trade_rate, "markets": args.markets, "tokens": len(tokens),
         "window_s": round(window, 2), "published_per_s": round(published), "committed_per_s": round(committed),
         "kept_up": committed >= 0.95 * published,
         "delay_ms_p50": round(pct(delays, 0.50), 1), "delay_ms_p99": round(pct(delays, 0.99), 1),

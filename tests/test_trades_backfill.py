@@ -284,3 +284,21 @@ def test_a_second_fuller_than_a_page_is_read_by_offset():
     trades = run_queue(queue, {TOKEN})[0].trades
     assert len(trades) == 1_205 and len({t["tx_hash"] for t in trades}) == 1_205
     assert any(c["offset"] > 0 and c["start"] == c["end"] == t0 + 5 for c in api.calls)
+
+
+def test_a_second_too_full_for_offset_paging_is_split_by_market():
+    t0 = 1_786_000_000
+    other = "0x" + "cd" * 32
+    # 12,000 fills in one second over two markets: past the 10,000 offset cap together,
+    # within it for each market alone.
+    rows = [api_row(i, t0, cond=COND if i % 2 else other, token=TOKEN if i % 2 else "7") for i in range(12_000)]
+    api = DataApi(rows)
+    queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, margin=0, page=1000,
+                          wall=lambda: float(t0 + 1_000))
+    for token, cond in ((TOKEN, COND), ("7", other)):
+        queue.add(Gap(token, cond, datetime.fromtimestamp(t0, timezone.utc), datetime.fromtimestamp(t0, timezone.utc),
+                      "stall"))
+    trades = run_queue(queue, {TOKEN, "7"})[0].trades
+    assert len(trades) == 12_000 and len({t["tx_hash"] for t in trades}) == 12_000
+    assert max(c["offset"] for c in api.calls) < MAX_OFFSET
+    assert {c["market"] for c in api.calls} >= {COND, other}

@@ -139,14 +139,16 @@ class Job:
     end: int
     conditions: list[str]
     gaps: list[Gap]
-    windows: list = field(default_factory=list)  # (start, end) still to fetch; the last is current
+    # (start, end, markets) still to fetch; the last is current
+    windows: list = field(default_factory=list)
     offset: int = 0  # only inside a single second holding more than a page
     rows: list = field(default_factory=list)
+    mark: int = 0  # len(rows) when the current window started
     requests: int = 0
 
     def __post_init__(self):
         if not self.windows:
-            self.windows = [(self.start, self.end)]
+            self.windows = [(self.start, self.end, tuple(self.conditions))]
 
 
 @dataclass
@@ -241,8 +243,8 @@ class BackfillQueue:
         if not self.jobs:
             return None
         job = self.jobs[0]
-        start, end = job.windows[-1]
-        params = {"market": ",".join(job.conditions), "start": start, "end": end,
+        start, end, markets = job.windows[-1]
+        params = {"market": ",".join(markets), "start": start, "end": end,
                   "limit": self.page, "offset": job.offset, "takerOnly": "true"}
         payload = self.get_json(self.url, params)
         self.requests += 1
@@ -250,19 +252,24 @@ class BackfillQueue:
         page = [r for r in payload if isinstance(r, dict)] if isinstance(payload, list) else []
         if isinstance(payload, list) and len(page) < len(payload):
             self.invalid_rows += len(payload) - len(page)
-        full = len(payload) >= self.page if isinstance(payload, list) else False
+        full = isinstance(payload, list) and len(payload) >= self.page
         if not full:
             job.rows.extend(page)
-            job.windows.pop()
-            job.offset = 0
+            self._next_window(job)
         elif start == end:
             job.rows.extend(page)
             job.offset += self.page
             if job.offset + self.page > MAX_OFFSET:
-                log.warning("more than %d fills in second %d for %d market(s): the rest is not reachable",
-                            MAX_OFFSET, start, len(job.conditions))
-                job.windows.pop()
-                job.offset = 0
+                if len(markets) > 1:
+                    # Too many fills in one second for offset paging: fewer markets at a time.
+                    del job.rows[job.mark:]
+                    half = len(markets) // 2
+                    job.windows[-1:] = [(start, end, markets[half:]), (start, end, markets[:half])]
+                    job.offset = 0
+                else:
+                    log.warning("more than %d fills in second %d for market %s: the rest is not reachable",
+                                MAX_OFFSET, start, markets[0])
+                    self._next_window(job)
         else:
             stamps = [r.get("timestamp") for r in page]
             oldest = min((t for t in stamps if isinstance(t, int) and not isinstance(t, bool)), default=None)
@@ -271,15 +278,13 @@ class BackfillQueue:
                 # last page rather than retrying it forever (its bad rows are skipped).
                 log.warning("Data API page outside window %d..%d; window ends here", start, end)
                 job.rows.extend(page)
-                job.windows.pop()
-                job.offset = 0
+                self._next_window(job)
             elif oldest == end:  # the whole page is the newest second: read it alone by offset
-                job.windows[-1:] = [(start, end - 1), (end, end)]
+                job.windows[-1:] = [(start, end - 1, markets), (end, end, markets)]
             else:
                 job.rows.extend(r for r in page if r.get("timestamp") != oldest)
-                job.windows[-1] = (start, oldest)
-            if job.windows:
-                return None
+                job.windows[-1] = (start, oldest, markets)
+                job.mark = len(job.rows)
         if job.windows:
             return None
         self.jobs.pop(0)
@@ -287,6 +292,12 @@ class BackfillQueue:
         rows, bad = rows_from_data_api(job.rows, tokens | {g.token_id for g in job.gaps})
         self.invalid_rows += bad
         return self._finish(job, rows)
+
+    @staticmethod
+    def _next_window(job: Job) -> None:
+        job.windows.pop()
+        job.offset = 0
+        job.mark = len(job.rows)
 
     def _finish(self, job: Job, rows: list[dict]) -> Done:
         number_repeats(rows)
