@@ -29,7 +29,10 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
        both sides (plus `backfill_settle` after it: block time trails match time)
        and fetched in whole seconds for the entire market (not just the gap's
        token), so a transaction whose fills straddle a gap boundary has its
-       timestamp inside the window and all of its fills come back.
+       timestamp inside the window and all of its fills come back. Pages are cut
+       by time, never by offset, and fetched only once the window is in the past:
+       an offset page that repeats a row (rows arriving shift newest-first offsets)
+       would look exactly like one more repeat and be stored twice.
    The union stored is then exactly 0..k-1: k rows, none twice. A restart is always
    a gap (see 2), so every place where live numbering restarts is backfilled over
    whole transactions. What this cannot repair is a Data API that has not indexed a
@@ -51,6 +54,17 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
 Sharding: process `shard` of `shards` owns the tokens whose condition id hashes
 (crc32, stable across processes and Python runs, unlike hash()) to it, so both
 tokens of a market, and so one Data API query per market, belong to one process.
+(workers/storage/followed.py's shard_of splits by token, which would put the two
+tokens of a market in two processes that then both query the market's trades.)
+
+Trade-offs, on purpose: the coverage mark is advanced after a synchronous
+Writer.flush() every `coverage_interval`, which can hold the socket loop for one
+batch commit; a database slow enough to delay PONG handling past `pong_timeout`
+causes a reconnect, i.e. one more gap, never a loss. Backfill requests run in the
+same loop, one per turn, with a client that neither retries nor waits long itself
+(the queue backs off), for the same reason. A listener that falls far behind the
+exchange sees its PONG queued behind the backlog and reconnects: the backlog is
+then fetched from the Data API instead.
 
 `new_market` / `market_resolved` arrive on every socket of every shard; they are
 de-duplicated in memory and stored once in `market_events` (ON CONFLICT DO NOTHING
