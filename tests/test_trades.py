@@ -187,8 +187,14 @@ def test_steady_run_every_trade_once_and_market_events_once(polysim, db, tmp_pat
             (market,) = sim.get(f"/gamma/markets?id={market_id}&closed=true")
             prices = dict(zip(json.loads(market["clobTokenIds"]), json.loads(market["outcomePrices"])))
             assert (prices[winner] == "1") if winner else set(prices.values()) == {"0.5"}
-    finally:
+        # SIGTERM: flush, close the sockets and leave promptly.
+        began = time.monotonic()
         assert stop(pid) == 0
+        assert time.monotonic() - began < 5.0
+        pid = None
+    finally:
+        if pid is not None:
+            stop(pid)
 
 
 class StatusPipe:
