@@ -179,6 +179,46 @@ def test_trade_without_tx_hash_keys_on_ms_timestamp(writer, db):
     assert fetch(db, "SELECT count(*) FROM trades") == [(2,)]
 
 
+
+def test_direct_copy_tables_are_safe_to_copy_into():
+    """A table the Writer COPYs straight into must be DO NOTHING, and every column the staging
+    path would default must be NOT NULL, so that a NULL fails the COPY and takes the fallback."""
+    direct = [t for t in TABLES.values() if t.direct]
+    assert {t.name for t in direct} >= {"trades", "orderbook_snapshots", "price_snapshots"}
+    sql = discover()[0].sql
+    for table in direct:
+        assert table.conflict == "ON CONFLICT DO NOTHING", table.name
+        body = sql.split(f"CREATE TABLE {table.name} (")[1].split(");")[0]
+        for column in table.select:
+            line = next(x for x in body.splitlines() if x.strip().startswith(column + " "))
+            assert "NOT NULL" in line, (table.name, line)
+
+
+def test_direct_copy_falls_back_to_staging_and_comes_back(db, tmp_path):
+    """New rows go straight in; a batch meeting stored rows or a NULL ordinal takes the staging
+    path (stored once, defaulted); the next clean batch goes straight in again; the same under close()."""
+    w = Writer(db, tmp_path / "spool", name="direct", background=False, max_rows=10**6, max_age=60).open()
+    ts = [T0 + timedelta(seconds=i) for i in range(10)]
+    try:
+        w.add("trades", [trade(tx_hash=f"0x{i:02x}", ts=ts[i]) for i in range(3)])
+        w.flush()
+        assert w._direct.get("trades", True) is True
+        w.add("trades", [trade(tx_hash=f"0x{i:02x}", ts=ts[i]) for i in range(1, 4)])  # two are stored already
+        w.flush()
+        assert w._direct["trades"] is False
+        w.add("trades", [trade(tx_hash=f"0x{i:02x}", ts=ts[i]) for i in range(4, 6)])
+        w.flush()
+        assert w._direct["trades"] is True
+        w.add("trades", [trade(tx_hash="0x06", ordinal=None)])  # NOT NULL: the staging path defaults it
+        w.flush()
+        w.add("trades", [trade(tx_hash="0x07"), trade(tx_hash="0x05", ts=ts[5])])  # under close(): a savepoint
+        st = w.stats()
+    finally:
+        w.close()
+    assert fetch(db, "SELECT tx_hash, ordinal FROM trades ORDER BY tx_hash") == [
+        (f"0x{i:02x}", 0) for i in range(8)]
+    assert st["rows_rejected"] == 0 and st["rows_spooled"] == 0
+
 # -- every table: a replayed batch adds nothing ---------------------------------------------
 def sample_rows():
     return {

@@ -23,6 +23,13 @@ class Table:
       one row twice in one statement.
     conflict: the ON CONFLICT clause.
     select: column -> SQL expression over the staging row `s` (defaults for NULL).
+    direct: the Writer may COPY straight into the table (under a savepoint) and
+      fall back to staging + ON CONFLICT only when that COPY fails. Only for
+      DO NOTHING tables whose select defaults are all on NOT NULL columns: a
+      duplicate then fails with a unique violation and a NULL that needed its
+      default with a not-null violation, so the fallback sees every case the
+      staging path handles, and a direct COPY that succeeds stores exactly what
+      the staging path would have.
     """
 
     name: str
@@ -31,6 +38,7 @@ class Table:
     conflict: str
     merge: bool = False
     select: Mapping[str, str] = field(default_factory=dict)
+    direct: bool = False
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -157,6 +165,7 @@ PRICE_SNAPSHOTS = Table(
     ),
     key=("token_id", "ts"),
     conflict="ON CONFLICT DO NOTHING",
+    direct=True,
 )
 
 ORDERBOOK_SNAPSHOTS = Table(
@@ -179,7 +188,8 @@ ORDERBOOK_SNAPSHOTS = Table(
     ),
     key=("token_id", "ts", "hash"),
     conflict="ON CONFLICT DO NOTHING",
-    select={"hash": "COALESCE(s.hash, '')"},
+    select={"hash": "COALESCE(s.hash, '')"},  # hash is NOT NULL
+    direct=True,
 )
 
 TRADES = Table(
@@ -201,7 +211,8 @@ TRADES = Table(
     key=("token_id", "tx_hash", "price", "size", "side", "ordinal"),
     # No conflict target: DO NOTHING then honours both partial unique indexes.
     conflict="ON CONFLICT DO NOTHING",
-    select={"ordinal": "COALESCE(s.ordinal, 0)"},
+    select={"ordinal": "COALESCE(s.ordinal, 0)"},  # ordinal is NOT NULL
+    direct=True,
 )
 
 # -- resolutions: corrected in place when the exchange corrects itself ----------

@@ -147,6 +147,9 @@ class Writer:
         self._closed = False
         self._converters = {t.name: [(c, CONVERTERS[kind]) for c, kind in t.columns] for t in TABLES.values()}
         self._row = {t.name: row_converter(t.columns) for t in TABLES.values()}
+        # Per direct table: whether the next batch tries COPY straight into it
+        # (dropped after a batch that met duplicates, back after one that met none).
+        self._direct: dict[str, bool] = {}
         self._allowed = {t.name: frozenset(t.column_names) for t in TABLES.values()}
         self.counters: dict[str, Any] = {
             "rows_written": 0,  # rows committed to PostgreSQL (new, changed, or already there)
@@ -529,9 +532,10 @@ class Writer:
         try:
             staged: set[str] = set()
             with conn.cursor() as cur:
-                self._bound_by_close(cur)
+                fresh = not self._bound_by_close(cur)  # nothing done yet in this transaction
                 for record in batch:
-                    inserted += self._insert(cur, TABLES[record.table], record, staged, refused)
+                    inserted += self._insert(cur, TABLES[record.table], record, staged, refused, fresh)
+                    fresh = False
             conn.commit()
         except BaseException:
             self._rollback(conn)
@@ -548,11 +552,16 @@ class Writer:
         self.counters["rows_rejected"] += 1
         log.error("%s: %s row rejected: %s (kept in %s)", self.name, table, error, self.spool_path / "rejected.jsonl")
 
-    def _bound_by_close(self, cur) -> None:
-        """While closing: this transaction's statements may only use what is left of close_timeout."""
+    def _bound_by_close(self, cur) -> bool:
+        """While closing: this transaction's statements may only use what is left of close_timeout.
+
+        Returns True when it ran a statement.
+        """
         if self._close_deadline is not None:
             ms = max(200, int((self._close_deadline - time.monotonic()) * 1000))
             cur.execute(f"SET LOCAL statement_timeout = {ms}")
+            return True
+        return False
 
     def _rollback(self, conn) -> None:
         try:
@@ -562,11 +571,12 @@ class Writer:
         if conn.closed:
             self._drop_connection()
 
-    def _insert(self, cur, table: Table, record: Record, staged: set[str], refused: list) -> int:
+    def _insert(self, cur, table: Table, record: Record, staged: set[str], refused: list, fresh: bool = False) -> int:
         """One record into its table (inside the caller's transaction); returns rows inserted/changed.
 
         Rows PostgreSQL cannot receive as text are appended to refused as
-        (table, row, reason) instead of failing the whole statement.
+        (table, row, reason) instead of failing the whole statement. fresh: the
+        transaction has run nothing yet (a failed direct COPY may roll it all back).
         """
         rows = record.rows
         if record.columns != list(table.column_names):
@@ -577,16 +587,21 @@ class Writer:
             refused.extend((table.name, row, reason) for row, reason in bad)
             if not rows:
                 return 0
+            columns = ", ".join(table.column_names)
+            if table.direct and self._direct.get(table.name, True):
+                if self._copy_direct(cur, table, columns, data, savepoint=not fresh):
+                    return len(rows)
+                self._direct[table.name] = False  # duplicates around: stage until a batch has none
             stage = f"_stage_{table.name}"
             if table.name in staged:  # a second record of this table in one transaction
                 cur.execute(f"DELETE FROM {stage}")
             staged.add(table.name)
             # One read of the whole buffer: psycopg2 would otherwise read 8 kB at a
             # time, re-taking the GIL for each chunk (slow when another thread runs).
-            cur.copy_expert(
-                f"COPY {stage} ({', '.join(table.column_names)}) FROM STDIN", io.BytesIO(data), size=len(data) + 1
-            )
+            cur.copy_expert(f"COPY {stage} ({columns}) FROM STDIN", io.BytesIO(data), size=len(data) + 1)
             cur.execute(table.insert_from(f"{stage} AS s"))
+            if table.direct and cur.rowcount == len(rows):
+                self._direct[table.name] = True  # nothing was there already: try the direct COPY again
             return cur.rowcount  # the staged rows vanish at commit (ON COMMIT DELETE ROWS)
         kept = []
         for row in rows:
@@ -600,6 +615,35 @@ class Writer:
         sql, template = _values_sql(table)
         psycopg2.extras.execute_values(cur, sql, kept, template=template, page_size=max(1, len(kept)))
         return cur.rowcount
+
+    @staticmethod
+    def _copy_direct(cur, table: Table, columns: str, data: bytes, savepoint: bool) -> bool:
+        """COPY straight into table; False (undone) if the rows need the staging path.
+
+        About a third less work for the server than staging + INSERT ... SELECT
+        (measured on trades), for the common case of a batch of new rows. A
+        unique or not-null violation (a row already stored, a duplicate in the
+        batch, a NULL the staging path would default) or any other data error
+        undoes the COPY; the caller then stages, which handles or reports each
+        of them. Other errors (connection, timeout) are raised.
+
+        Undone by rolling back to a savepoint, or, when this COPY is the
+        transaction's first statement (savepoint=False), the whole transaction:
+        one round trip less per batch, which counts because each one may wait
+        a GIL switch interval for the collector's thread. The savepoint is never
+        released: the commit does that.
+        """
+        if savepoint:
+            cur.execute("SAVEPOINT direct")
+        try:
+            cur.copy_expert(f"COPY {table.name} ({columns}) FROM STDIN", io.BytesIO(data), size=len(data) + 1)
+        except (psycopg2.DataError, psycopg2.IntegrityError):
+            if savepoint:
+                cur.execute("ROLLBACK TO SAVEPOINT direct")
+            else:
+                cur.connection.rollback()
+            return False
+        return True
 
     def _isolate(self, batch: list[Record], first: BaseException) -> list[Record]:
         """After a data error: each record alone, then the failing ones row by row.
