@@ -389,6 +389,25 @@ def test_copy_text_escapes_only_what_needs_it():
     assert copy_text([["a", None, "b\tc"], ["x\\y", "1\n2", "\r"]]) == "a\t\\N\tb\\tc\nx\\\\y\t1\\n2\t\\r\n"
 
 
+@given(st.lists(st.lists(st.one_of(st.none(), st.text(alphabet="ab\\\t\n\rN", max_size=4)), min_size=3, max_size=3),
+                max_size=5))
+def test_copy_text_fast_path_matches_escaping_every_row(rows):
+    from workers.storage.rows import _escaped_copy_text
+    assert copy_text(rows) == _escaped_copy_text(rows)
+
+
+def test_converter_reuses_a_datetime_text_only_for_the_same_object():
+    convert = row_converter(TABLES["trades"].columns)
+    at = T0
+    later = T0 + timedelta(milliseconds=1)
+    other_zone = T0.astimezone(timezone(timedelta(hours=2)))
+    texts = [convert(trade(received_at=value))[-1] for value in (at, at, later, at, other_zone, "2026-01-01", None)]
+    assert texts == [at.isoformat(), at.isoformat(), later.isoformat(), at.isoformat(), other_zone.isoformat(),
+                     "2026-01-01", None]
+    with pytest.raises(ValueError):
+        convert(trade(received_at=datetime(2026, 1, 1)))  # naive: refused, never remembered
+
+
 # -- flush timing with an injected clock ---------------------------------------------------------
 class Clock:
     def __init__(self):

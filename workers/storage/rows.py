@@ -108,10 +108,37 @@ _needs_escape = re.compile(r"[\\\t\n\r]").search
 def copy_text(rows: list[list[str | None]]) -> str:
     """Rows in COPY text format (tab-separated, \\N for NULL, backslash escapes).
 
-    Most rows need no escaping: a row is joined as is, and only when the
-    joined line has more backslashes than NULL markers, more tabs than
-    separators, or a line break, is it rebuilt field by field with escapes.
+    Almost no value needs escaping, so the rows are joined as they are (a row
+    without NULLs in one str.join) and the whole text is checked once: when it
+    holds exactly one backslash per NULL marker, one tab per separator, one
+    line break per row and no carriage return, nothing needed escaping.
+    Otherwise it is rebuilt row by row with escapes (_escaped_copy_text).
     """
+    lines = []
+    append = lines.append
+    join = "\t".join
+    nulls = 0
+    for row in rows:
+        if None in row:
+            nulls += row.count(None)
+            append(join(["\\N" if v is None else v for v in row]))
+        else:
+            append(join(row))
+    append("")
+    text = "\n".join(lines)
+    n = len(rows)
+    if n and (
+        text.count("\\") != nulls
+        or text.count("\t") != sum(map(len, rows)) - n
+        or text.count("\n") != n
+        or "\r" in text
+    ):
+        return _escaped_copy_text(rows)
+    return text
+
+
+def _escaped_copy_text(rows: list[list[str | None]]) -> str:
+    """copy_text the slow way: a row whose joined line could be ambiguous is rebuilt with escapes."""
     needs, esc = _needs_escape, _ESCAPE
     out = []
     append = out.append
@@ -176,12 +203,25 @@ _INLINE = {
     "text": "({v} if ({v} := get({c!r})).__class__ is str or {v} is None else to_text({v}))",
     "numeric": "({v} if ({v} := get({c!r})).__class__ is str or {v} is None else "
                "(str({v}) if {v}.__class__ is Decimal else to_numeric({v})))",
-    "timestamptz": "(({v}.isoformat() if {v}.tzinfo is not None else to_timestamptz({v}))"
-                   " if ({v} := get({c!r})).__class__ is datetime else "
-                   "({v} if {v}.__class__ is str or {v} is None else to_timestamptz({v})))",
+    # A datetime's text is remembered (one (object, text) tuple, replaced whole:
+    # safe across threads) and reused while the next row passes the same object:
+    # collectors stamp a whole message's rows with one received_at.
+    "timestamptz": "({v} if ({v} := get({c!r})).__class__ is str or {v} is None else "
+                   "(_c{i}[1] if (_c{i} := _k{i}[0])[0] is {v} else _ts_miss({v}, _k{i})))",
     "int": "(str({v}) if ({v} := get({c!r})).__class__ is int else ({v} if {v} is None or {v}.__class__ is str "
            "else to_int({v})))",
 }
+
+
+_NOTHING = object()
+
+
+def _ts_miss(value: Any, cache: list) -> str | None:
+    """to_timestamptz(value); a datetime and its text become the column's remembered pair."""
+    text = to_timestamptz(value)
+    if value.__class__ is datetime:
+        cache[0] = (value, text)
+    return text
 
 
 def row_converter(columns: tuple[tuple[str, str], ...]) -> Callable[[Any], list]:
@@ -191,13 +231,16 @@ def row_converter(columns: tuple[tuple[str, str], ...]) -> Callable[[Any], list]
     faster (the Writer converts every row a collector adds).
     """
     parts = []
+    namespace = {"Decimal": Decimal, "datetime": datetime, "CONVERTERS": CONVERTERS, "to_text": to_text,
+                 "to_numeric": to_numeric, "to_timestamptz": to_timestamptz, "to_int": to_int,
+                 "_ts_miss": _ts_miss}
     for i, (col, kind) in enumerate(columns):
         if not col.isidentifier():
             raise ValueError(f"bad column name {col!r}")
         template = _INLINE.get(kind)
-        parts.append(template.format(v=f"v{i}", c=col) if template else f"CONVERTERS[{kind!r}](get({col!r}))")
+        parts.append(template.format(v=f"v{i}", c=col, i=i) if template else f"CONVERTERS[{kind!r}](get({col!r}))")
+        if kind == "timestamptz":
+            namespace[f"_k{i}"] = [(_NOTHING, None)]  # per column: the last datetime and its text
     source = "def convert(row):\n    get = row.get\n    return [" + ",\n        ".join(parts) + "]\n"
-    namespace = {"Decimal": Decimal, "datetime": datetime, "CONVERTERS": CONVERTERS, "to_text": to_text,
-                 "to_numeric": to_numeric, "to_timestamptz": to_timestamptz, "to_int": to_int}
     exec(compile(source, f"<row_converter {','.join(c for c, _ in columns)}>", "exec"), namespace)
     return namespace["convert"]
