@@ -17,7 +17,11 @@ One run, in order:
      by someone else, and (at most every 5 minutes) kill -9 of the supervisor and a
      fresh start. With --s25: only kill -9 / SIGSTOP+SIGCONT every 0.5-3 s (scenario S25);
   4. every `--sample` s: RSS of the supervisor and of every child; after the run the
-     least-squares slope per process after `--warmup` minutes;
+     least-squares slope per process after `--warmup` minutes, over the longest-lived
+     pid of each name (a killed child's successor starts with a fresh heap). A trade
+     shard remembers each transaction's repeat counts for 10-20 minutes (workers/trades.py
+     Ordinals), so its RSS is only expected flat after ~20 minutes of one incarnation:
+     judge it on a 30-minute run (--warmup 20), not on a short one;
   5. faults stop, the system settles (gaps recovered, spool empty), SIGTERM, then the
      accounting against polysim's ledger (tests/faults/accounting.py): missing,
      duplicated, orphans, gaps, restarts, spool bytes replayed; restart delays against
