@@ -44,7 +44,8 @@ def test_invalid_data_api_rows_are_skipped_whole():
     bad = [dict(base, price=1.5), dict(base, price="x"), dict(base, size=0), dict(base, side="buy"),
            dict(base, timestamp="1786861350"), dict(base, timestamp=1786861350000), dict(base, asset=None),
            dict(base, price=True), dict(base, asset="\u0661\u0662"), dict(base, asset="1" * 79),
-           dict(base, size=10**80), "not an object"]
+           dict(base, size=10**80), dict(base, transactionHash="0xab\x00cd"), dict(base, transactionHash="nothex"),
+           dict(base, conditionId="0x\ud800"), "not an object"]
     rows, skipped = rows_from_data_api(bad + [base])
     assert len(rows) == 1 and skipped == len(bad)
     assert rows_from_data_api({"error": "x"}) == ([], 1)

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Callable
 
-from workers.messages import EPOCH, decimal_text, is_token_id
+from workers.messages import EPOCH, decimal_text, is_hex_id, is_token_id
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,14 @@ def rows_from_data_api(payload: Any, tokens: set[str] | None = None) -> tuple[li
         ts = item.get("timestamp")
         tx = item.get("transactionHash")
         condition = item.get("conditionId")
+        if tx in (None, ""):
+            tx = None
+        elif not is_hex_id(tx):  # it goes into the trade key as text: never a NUL or a surrogate
+            skipped += 1
+            continue
+        if condition is not None and not is_hex_id(condition):
+            skipped += 1
+            continue
         if (not is_token_id(token) or price is None or size is None or size == "0"
                 or Decimal(price) > 1 or side not in ("BUY", "SELL") or isinstance(ts, bool)
                 or not isinstance(ts, int) or not 0 < ts < 10**11):
@@ -87,12 +95,12 @@ def rows_from_data_api(payload: Any, tokens: set[str] | None = None) -> tuple[li
             continue
         rows.append({
             "token_id": token,
-            "condition_id": condition if isinstance(condition, str) else None,
+            "condition_id": condition,
             "ts": EPOCH + timedelta(seconds=ts),
             "price": price,
             "size": size,
             "side": side,
-            "tx_hash": tx.lower() if isinstance(tx, str) and tx else None,
+            "tx_hash": tx.lower() if tx else None,
             "fee_rate_bps": None,
             "source": "backfill",
         })

@@ -124,6 +124,11 @@ def ms_time(value: Any) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
+def is_hex_id(value: Any) -> bool:
+    """0x and 1 to 128 hex digits (condition ids, transaction hashes)."""
+    return type(value) is str and _HEX_ID.fullmatch(value) is not None
+
+
 def is_token_id(value: Any) -> bool:
     """1 to 78 ASCII digits (a uint256 in decimal)."""
     return type(value) is str and _TOKEN.fullmatch(value) is not None
