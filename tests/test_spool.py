@@ -116,3 +116,55 @@ def test_lone_surrogate_still_spools(tmp_path):
     s.reject("markets", r.columns, r.rows[0], "invalid byte sequence")
     assert "\\udc80" in (tmp_path / "w" / "rejected.jsonl").read_text()
     s.close()
+
+
+# -- who may write the spool: whatever is in it is replayed into PostgreSQL -------------------------
+NOBODY = 65534
+
+
+def test_own_directory_writable_by_others_is_tightened_with_a_warning(tmp_path, caplog):
+    directory = tmp_path / "w"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    s = Spool(directory)
+    with caplog.at_level("WARNING", logger="workers.storage.spool"):
+        s.open()
+    s.close()
+    assert os.stat(directory).st_mode & 0o777 == 0o755
+    assert any(str(directory) in r.getMessage() and "inject" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create files of another account")
+def test_directory_or_segment_of_another_account_is_refused(tmp_path):
+    foreign = tmp_path / "a"
+    foreign.mkdir()
+    os.chown(foreign, NOBODY, NOBODY)
+    with pytest.raises(SpoolError, match="owned by uid 65534"):
+        Spool(foreign).open()
+
+    mine = tmp_path / "b"
+    mine.mkdir()
+    (mine / "000000000001.seg").write_bytes(encode(rec(1)))
+    os.chown(mine / "000000000001.seg", NOBODY, NOBODY)
+    with pytest.raises(SpoolError, match="000000000001.seg"):
+        Spool(mine).open()
+    s = Spool(mine)  # refused without keeping the lock: a fixed spool opens
+    os.chown(mine / "000000000001.seg", os.geteuid(), os.getegid())
+    s.open()
+    assert [r for r, _ in s.read(mine / "000000000001.seg")] == [rec(1)]
+    s.close()
+
+
+@pytest.mark.parametrize("payload", [b"[" * 50_000 + b"]" * 50_000, b'{"t":"trades","c":["a"],"r":[["1","2"]]}',
+                                     b'{"t":"","c":["a"],"r":[]}', b'{"t":"trades","c":["a","a"],"r":[]}',
+                                     b'{"t":"trades","c":["a"],"r":[[true]]}', b'"just a string"'])
+def test_record_of_another_shape_is_corruption_after_the_good_ones(tmp_path, payload):
+    import zlib
+    s = Spool(tmp_path / "w", fsync=False)
+    s.open()
+    seg = tmp_path / "w" / "000000000001.seg"
+    seg.write_bytes(encode(rec(1)) + HEADER.pack(len(payload), zlib.crc32(payload)) + payload + encode(rec(2)))
+    got = [r for r, _ in s.read(seg)]
+    s.close()
+    assert got == [rec(1)]
+    assert len(s.corruptions) == 1 and s.corruptions[0].offset == len(encode(rec(1)))

@@ -94,3 +94,13 @@ def test_a_connection_never_crosses_a_fork(db):
     assert d.query("SELECT 2") == [(2,)]  # the parent's connection still works
     d.close()
 
+
+
+@pytest.mark.parametrize("dsn", ["host=127.0.0.1 password=abc s3cretPW9fq", "host='127.0.0.1 password=s3cretPW9fq",
+                                 "postgresql://u:s3cretPW9fq%zz@127.0.0.1/db"])
+def test_a_dsn_syntax_error_never_quotes_the_dsn(dsn):
+    from workers.storage import DsnSyntaxError, connect
+    with pytest.raises(DsnSyntaxError) as caught:
+        connect(dsn)
+    assert "s3cretPW9fq" not in str(caught.value) and "invalid dsn syntax" in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

@@ -21,7 +21,11 @@ How a batch travels, in order:
   3. Delivery: if the spool holds anything, or the database is known down and
      not yet due for a retry, the batch is appended to the spool (nothing
      overtakes spooled rows). Otherwise it is written in ONE transaction:
-     per table, COPY into a temp staging table, INSERT ... SELECT ... ON CONFLICT.
+     per table, COPY into a temp staging table, INSERT ... SELECT ... ON CONFLICT;
+     for DO NOTHING tables (trades, books, prices) first a COPY straight into
+     the table, which is undone for the staging path if it meets a duplicate.
+     Rows holding a NUL or a lone surrogate (no PostgreSQL text can) are left
+     out and go to rejected.jsonl.
   4. Connection trouble -> the batch goes to the spool and retries back off
      (retry_initial doubling to retry_max). A data error (bad value,
      constraint) -> each table retried alone, then the failing table row by
@@ -30,7 +34,11 @@ How a batch travels, in order:
      silently, nothing poisons the spool.
   5. While the spool is not empty and the database answers, spooled records
      replay in order (replay_budget seconds at a time), replayed segments are
-     deleted; when the spool is empty, writes go direct again.
+     deleted; when the spool is empty, writes go direct again. A spooled
+     record of a table or column this version does not know is set aside in
+     rejected.jsonl (logged, counted) and replay goes on after it.
+  6. close(): rows that neither the database nor the spool took are logged as
+     LOST, counted (rows_lost) and RowsLostError is raised.
 
 The collector's loop never waits on the database in background mode, except
 for backpressure; every database call is bounded by connect_timeout,
