@@ -44,7 +44,9 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**100), max_value=10**100),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
     st.from_regex(r"-?[0-9]{0,90}(\.[0-9]{0,30})?([eE][-+]?[0-9]{1,7})?", fullmatch=True),
-    st.sampled_from(HOSTILE),
+    # Copied on every draw: a later mutation inside a drawn list/dict must never change HOSTILE
+    # itself (hypothesis then sees a strategy that behaves differently between test cases).
+    st.sampled_from(HOSTILE).map(copy.deepcopy),
 )
 json_values = st.recursive(
     scalars,
