@@ -16,6 +16,7 @@ import argparse
 import configparser
 import importlib.util
 import json
+import math
 import os
 import select
 import signal
@@ -227,8 +228,8 @@ def _read_status(path: str) -> dict | None:
 
 
 def _age(seconds) -> str:
-    """3s, 4m05s, 2h03m, 3d04h; '-' for None."""
-    if seconds is None:
+    """3s, 4m05s, 2h03m, 3d04h; '-' for None or anything not a finite number."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return "-"
     s = max(0, int(seconds))
     if s < 60:
@@ -246,10 +247,18 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def status_lines(doc: dict, now: float) -> list[str]:
-    """The per-collector table from a status.json document (pure)."""
+    """The per-collector table from a status.json document (pure).
+
+    A damaged or other-version document never raises: entries that are not
+    objects are skipped and values of the wrong type show as '-'.
+    """
     rows = [["COLLECTOR", "STATE", "PID", "UPTIME", "RESTARTS", "LAST OK", "ROWS", "ERRORS", "LAST ERROR"]]
-    for child in doc.get("children") or []:
-        counters = child.get("counters") or {}
+    children = doc.get("children") if isinstance(doc, dict) else None
+    for child in children if isinstance(children, list) else []:
+        if not isinstance(child, dict):
+            continue
+        counters = child.get("counters")
+        counters = counters if isinstance(counters, dict) else {}
         started = child.get("started_at")
         uptime = child.get("uptime")
         if child.get("state") in ("STARTING", "RUNNING") and isinstance(started, (int, float)):
@@ -268,7 +277,7 @@ def status_lines(doc: dict, now: float) -> list[str]:
                 str(child.get("pid") or "-"),
                 _age(uptime),
                 str(child.get("restarts", 0)),
-                _age(now - last_ok) + " ago" if isinstance(last_ok, (int, float)) else "-",
+                _age(now - last_ok) + " ago" if _age(last_ok) != "-" else "-",
                 str(counters.get("rows_written", 0)),
                 str(counters.get("errors", 0)),
                 (str(last_error).replace("\n", " ")[:70] if last_error else "-"),
