@@ -111,7 +111,7 @@ def measure(rate: float, seconds: float, warmup: float, markets: int, extra: lis
         proc.wait(10)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rates", default="2000,10000,25000,50000,100000")
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--markets", type=int, default=200)
     ap.add_argument("--book-updates", action="store_true",
                     help="keep polysim's book refreshes after trades and its book-rate (default: trades only)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     extra = [] if args.book_updates else ["--no-trade-book-updates", "--book-rate", "0"]
     rows = [measure(float(r), args.seconds, args.warmup, args.markets, extra) for r in args.rates.split(",")]
     cols = list(rows[0])
