@@ -102,7 +102,8 @@ def fork_collector(port: int, dsn: str, data_dir: str, options: dict) -> int:
     base = f"http://127.0.0.1:{port}"
     collector = TradesCollector(name="trades.0", dsn=dsn, data_dir=data_dir, ws_url=f"ws://127.0.0.1:{port}/ws/market",
                                 data_url=base + "/data", gamma_url=base + "/gamma", clob_url=base + "/clob",
-                                backfill_delay="1", backfill_settle="0", refresh_interval="2", **options)
+                                backfill_delay="1", backfill_settle="0", backfill_margin="1", backfill_page="10000",
+                                refresh_interval="2", **options)
     pid = os.fork()
     if pid == 0:
         code = 0

@@ -467,7 +467,8 @@ class TradesCollector(Worker):
             self.market_seen.clear()
 
     def _backfill_step(self) -> None:
-        if time.monotonic() < self._backfill_after:
+        began = time.monotonic()
+        if began < self._backfill_after:
             return
         try:
             done = self.backfill.step(set(self.tokens))
@@ -479,6 +480,9 @@ class TradesCollector(Worker):
             log.warning("%s: backfill request failed (retry in %.1fs): %s", self.name, delay, err)
             return
         self._backfill_failures = 0
+        # Live data first: backfill gets at most a third of the loop's time (a request
+        # that took d seconds is followed by 2d seconds of sockets only).
+        self._backfill_after = time.monotonic() + 2 * (time.monotonic() - began)
         if done is None:
             return
         if done.trades:
