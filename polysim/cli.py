@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ids in one subscribe frame above which the connection is closed")
     p.add_argument("--max-dump-assets", type=_positive(int), default=d.max_dump_assets,
                    help="assets per connection past which no initial book is sent")
+    p.add_argument("--max-pending", type=_positive(int), default=d.max_pending,
+                   help="messages a WebSocket client may fall behind before it is dropped")
     p.add_argument("--clob-page-size", type=_positive(int), default=d.clob_page_size,
                    help="rows per CLOB /markets page")
     p.add_argument("--tick", type=_positive(float), default=d.tick, help="engine period in seconds")
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         ping_timeout=args.ping_timeout, ts_jitter_ms=args.ts_jitter_ms, epoch_ms=args.epoch_ms, batch_max=args.batch_max,
         clob_page_size=args.clob_page_size, tick=args.tick,
         max_frame_ids=args.max_frame_ids, max_dump_assets=args.max_dump_assets,
+        max_pending=args.max_pending,
     )
     from polysim.server import run  # aiohttp is only needed to serve, not to print --help
 

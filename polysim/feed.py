@@ -106,7 +106,10 @@ class Feed:
     def flush(self) -> None:
         """Wake the writers of connections with something queued (called once per engine tick)."""
         limit = self.opts.max_pending
-        for c in self.dirty:
+        # Swap the set out first: dropping a slow consumer forgets it, which
+        # removes it from self.dirty while we iterate.
+        dirty, self.dirty = self.dirty, set()
+        for c in dirty:
             if len(c.pending) > limit and not c.closed:
                 self.dropped_slow += 1
                 log.warning("dropping a slow WebSocket consumer (%d messages behind)", len(c.pending))
@@ -114,7 +117,6 @@ class Feed:
                 self._abort(c)
                 continue
             c.wake.set()
-        self.dirty.clear()
 
     # -- connection lifecycle --------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.WebSocketResponse:

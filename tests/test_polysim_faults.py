@@ -273,3 +273,29 @@ def test_hostile_queries_never_crash_the_server(polysim):
     probe_post()
     sim.faults(clear=True)
     assert sim.health()["ok"] is True
+
+
+def test_slow_consumer_is_dropped_and_the_exchange_goes_on(polysim):
+    """A client that stops reading is dropped; the engine keeps publishing to the others.
+
+    Regression: dropping a slow consumer removed it from the set being iterated
+    (RuntimeError: Set changed size during iteration) and stopped the engine.
+    """
+    sim = polysim(markets=4, seed=5, trade_rate=3000.0, max_pending=200)
+    token = first_token(sim)
+    slow = websocket.create_connection(sim.ws_url, timeout=10, skip_utf8_validation=True)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    _, markets = get(sim.gamma_url + "/markets")
+    every = [t for m in markets for t in json.loads(m["clobTokenIds"])]
+    slow.send(json.dumps({"assets_ids": every, "type": "market"}))
+    before = len(sim.ledger())
+    time.sleep(3)  # the slow client reads nothing: far more than 200 messages queue up
+    assert len(sim.ledger()) > before + 1000, "the engine stopped publishing"
+    live = ws_open(sim, token)
+    try:
+        trades = [m for m in recv_json(live, 20) if m.get("event_type") == "last_trade_price"]
+        assert trades, "a fresh client gets no trades after a slow one was dropped"
+    finally:
+        live.close()
+        slow.close()
+    assert sim.proc.poll() is None, "polysim exited"
