@@ -219,6 +219,24 @@ def test_direct_copy_falls_back_to_staging_and_comes_back(db, tmp_path):
         (f"0x{i:02x}", 0) for i in range(8)]
     assert st["rows_rejected"] == 0 and st["rows_spooled"] == 0
 
+
+def test_batches_waiting_behind_a_slow_delivery_go_as_one(db, tmp_path):
+    """Under load the flusher takes the waiting batches along (fewer commits); DO UPDATE rows of
+    different batches still apply in order (a later partial token row does not erase the outcome)."""
+    w = Writer(db, tmp_path / "spool", name="join", max_rows=10, max_age=60, max_pending=8).open()
+    try:
+        with w._io:  # the database is "slow": nothing is delivered while this is held
+            for b in range(4):
+                w.add("tokens", [{"token_id": TOKEN, "market_id": "m1", "outcome": "Yes" if b == 0 else None}])
+                w.add("trades", [trade(tx_hash=f"0x{b:02x}", ordinal=i) for i in range(9)])  # 10 rows: handed over
+        w.flush()
+        st = w.stats()
+    finally:
+        w.close()
+    assert fetch(db, "SELECT count(*) FROM trades") == [(36,)]
+    assert fetch(db, "SELECT outcome FROM tokens") == [("Yes",)]
+    assert st["batches"] <= 2 and st["rows_rejected"] == 0 and st["rows_spooled"] == 0, st
+
 # -- every table: a replayed batch adds nothing ---------------------------------------------
 def sample_rows():
     return {
