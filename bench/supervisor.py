@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--many", type=int, default=50, help="collectors in the large stop case")
     ap.add_argument("--quick", action="store_true", help="scale 0.05, 3 s idle, 3 kills, 10 in the large stop (CI)")
     args = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # each part's table as it finishes, also into a file or pipe
+        sys.stdout.reconfigure(line_buffering=True)
     if args.quick:
         args.scale, args.idle, args.kills, args.many = 0.05, 3.0, 3, 10
 
