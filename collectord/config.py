@@ -247,6 +247,17 @@ def _parse_listen(reader: _Reader, key: str) -> str:
     return value
 
 
+def _check_dsn(reader: _Reader, key: str, dsn: str) -> None:
+    """A DSN libpq cannot parse is a config error. Its text is never quoted:
+    libpq's own message echoes words of it, a password's among them."""
+    import psycopg2.extensions
+
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise reader._err(key, "not a valid libpq DSN or URI (value not shown: it may hold a password)") from None
+
+
 def _parse_collector(path, parser, section, name) -> CollectorConfig:
     reader = _Reader(path, parser, section)
     if not _NAME_RE.match(name):
@@ -301,6 +312,8 @@ def parse(text: str, path: str | None = None, *, euid: int | None = None, home: 
         metrics_listen=_parse_listen(main, "metrics_listen"),
         allow_root=main.boolean("allow_root", False),
     )
+    if values["dsn"]:
+        _check_dsn(main, "dsn", values["dsn"])
     if values["logfile"] and values["logfile"] != "-":
         values["logfile"] = os.path.abspath(os.path.expanduser(values["logfile"]))
     main.reject_unknown()

@@ -201,3 +201,12 @@ def test_cli_password_never_printed(tmp_path):
     r = _cli(["-c", str(conf), "status", "--json"])
     assert r.returncode == 3
     assert "hunter2" not in r.stdout + r.stderr and "password=***" in r.stdout
+
+
+def test_unparsable_dsn_is_a_config_error_that_never_quotes_it():
+    """libpq's parse error echoes words of the DSN; ours names the key, not the value."""
+    with pytest.raises(ConfigError) as err:
+        config.parse("[collectord]\ndsn = host=db password=abc s3cretWord\n", "f.conf")
+    assert err.value.exit_code == 78
+    assert "[collectord]" in str(err.value) and "dsn" in str(err.value)
+    assert "s3cretWord" not in str(err.value) and "abc" not in str(err.value)

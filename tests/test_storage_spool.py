@@ -404,3 +404,17 @@ def test_close_is_bounded_when_the_database_hangs(db, tmp_path):
     assert wait_until(lambda: w2.stats()["spool_segments"] == 0, timeout=20), w2.stats()
     w2.close()
     assert stored_in_commit_order(db) == list(range(50))
+
+
+def test_collector_errors_from_storage_are_one_tree_with_exit_codes():
+    """Storage errors that can escape a collector's run() carry the exit code the
+    supervisor acts on: a refused spool is EX_CONFIG (FATAL, fixed by the operator)."""
+    from workers.errors import CollectorError
+    from workers.storage.embedded import EmbeddedError
+    from workers.storage.migrate import MigrationError
+    from workers.storage.spool import SpoolError
+    from workers.storage.writer import RowsLostError
+
+    for cls in (SpoolError, RowsLostError, MigrationError, EmbeddedError):
+        assert issubclass(cls, CollectorError)
+    assert SpoolError.exit_code == 78 and RowsLostError.exit_code == 1

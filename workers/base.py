@@ -25,6 +25,8 @@ import select
 import time
 from typing import Any, Callable, Mapping
 
+from workers.errors import CollectorError
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 5.0  # default seconds between messages; the supervisor may ask for less
@@ -208,6 +210,15 @@ class Worker:
         os.set_blocking(self._wake_w, False)
         if self._stopping:  # stop() before run(): nothing to do
             return
+        try:
+            self._loop()
+        except CollectorError as err:  # raised on purpose: one line, its exit code, no traceback
+            if err.exit_code:
+                log.error("%s: %s", self.name, err)
+            raise SystemExit(err.exit_code) from None
+
+    def _loop(self) -> None:
+        """init_process(), the step loop, shutdown() (always, once init_process ran)."""
         self.init_process()
         try:
             next_due = time.monotonic()

@@ -30,6 +30,7 @@ from workers.errors import Stopping
 from workers.http import Client
 from workers.payload import Parsed, ProblemLog
 from workers.storage import Database, Writer
+from workers.storage.writer import RowsLostError
 from workers.storage.followed import FollowedToken, followed_tokens
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class PollingWorker(Worker):
         if self.writer is not None:
             try:
                 self.writer.close()
+            except RowsLostError:
+                raise  # rows went nowhere: the process must not exit 0
             except Exception:
                 log.exception("%s: closing the writer failed", self.name)
         if self.db is not None:

@@ -36,12 +36,14 @@ from urllib.parse import quote
 import psycopg2
 import psycopg2.errors
 
+from workers.errors import CollectorError
+
 log = logging.getLogger(__name__)
 
 DATABASE = "collectord"
 
 
-class EmbeddedError(RuntimeError):
+class EmbeddedError(CollectorError):
     """The embedded server cannot be started or stopped."""
 
 

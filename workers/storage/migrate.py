@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from workers.errors import CollectorError
+
 from .db import connect
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
-class MigrationError(RuntimeError):
+class MigrationError(CollectorError):
     """A migration file is misnamed/duplicated, or the schema is unusable."""
 
 

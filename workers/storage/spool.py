@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from workers.errors import CollectorError
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">II")
@@ -45,8 +47,13 @@ SEGMENT_BYTES = 64 * 1024 * 1024  # start a new segment past this size
 SUFFIX = ".seg"
 
 
-class SpoolError(RuntimeError):
-    """The spool directory cannot be used (locked by another process, unwritable)."""
+class SpoolError(CollectorError):
+    """The spool directory cannot be used (locked by another process, unwritable,
+    owned or writable by another account). A restart cannot fix it: exit 78, and
+    the supervisor marks the collector FATAL until the operator fixes it and reloads.
+    """
+
+    exit_code = 78
 
 
 @dataclass

@@ -61,6 +61,8 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
+from workers.errors import CollectorError
+
 from .db import _inherited, connect
 from .db import is_connection_error as _is_connection_error
 from .rows import CONVERTERS, copy_data, row_converter, unsendable
@@ -75,7 +77,7 @@ METHODS = ("copy", "values")
 
 
 
-class RowsLostError(RuntimeError):
+class RowsLostError(CollectorError):
     """close() could deliver some rows neither to the database nor to the spool (they are gone)."""
 
     def __init__(self, message: str, rows: int):
