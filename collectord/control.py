@@ -28,6 +28,7 @@ from typing import TextIO
 from collectord import config as config_mod
 from collectord import pidfile
 from collectord.config import Config, redact_dsn
+from collectord.status import read_status
 from collectord.errors import (
     EX_FAILURE,
     EX_NOTRUNNING,
@@ -218,15 +219,6 @@ def cmd_reload(config: Config, *, out: TextIO) -> int:
 # -- status ---------------------------------------------------------------------------
 
 
-def _read_status(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def _age(seconds) -> str:
     """3s, 4m05s, 2h03m, 3d04h; '-' for None or anything not a finite number."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
@@ -298,7 +290,7 @@ def _database_line(config: Config, doc: dict | None) -> str:
 def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
     """LSB: 0 running, 1 dead but PID file left, 3 stopped; the table from status.json."""
     probe = pidfile.probe(config.pidfile)
-    doc = _read_status(config.status_path)
+    doc = read_status(config.status_path)
     now = time.time()
     if probe.running:
         code = STATUS_RUNNING
@@ -351,7 +343,7 @@ def _check_database(config: Config) -> tuple[bool, str]:
     dsn = config.dsn
     if not dsn:
         probe = pidfile.probe(config.pidfile)
-        doc = _read_status(config.status_path) if probe.running else None
+        doc = read_status(config.status_path) if probe.running else None
         dsn = (doc or {}).get("dsn") or ""
         if not dsn:
             return True, f"database: embedded PostgreSQL under {config.pgdata} (started by `collectord start`; not running now)"
@@ -432,7 +424,7 @@ def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
     embedded = None
     if not dsn:
         probe = pidfile.probe(config.pidfile)
-        doc = _read_status(config.status_path) if probe.running else None
+        doc = read_status(config.status_path) if probe.running else None
         dsn = (doc or {}).get("dsn") or ""
     try:
         if not dsn:

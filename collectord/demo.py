@@ -26,7 +26,6 @@ Signal handlers only set a flag and write to a wake pipe; the loop acts.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import select
@@ -42,6 +41,7 @@ from typing import Any
 
 from collectord.config import BUILTIN_TARGETS, Config
 from collectord.errors import CollectordError
+from collectord.status import read_status
 
 TABLES = ("markets", "tokens", "followed_tokens", "price_snapshots", "orderbook_snapshots",
           "trades", "resolutions", "feed_gaps")
@@ -204,14 +204,6 @@ def terminate(proc: subprocess.Popen, timeout: float) -> int | None:
         return proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         return None
-
-
-def read_status(path: Path) -> dict | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def count_rows(dsn: str) -> dict[str, int | None]:

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from collectord.status import read_status
 from workers.base import Reporter
 
 log = logging.getLogger(__name__)
@@ -130,16 +131,6 @@ def proc_usage(pid: Any) -> tuple[float, float] | None:
         return (int(fields[11]) + int(fields[12])) / _TICKS, int(fields[21]) * _PAGE
     except (OSError, IndexError, ValueError):
         return None
-
-
-def read_status(path: str) -> dict | None:
-    """The status document, or None when it is missing or not a JSON object."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def health(doc: dict | None, now: float, alive: Callable[[Any], bool] = pid_alive,

@@ -30,6 +30,6 @@ SAMPLE = {
 @given(doc=P.payloads([SAMPLE]))
 def test_status_table_never_raises(doc):
     if not isinstance(doc, dict):
-        return  # the reader (_read_status) drops anything that is not an object
+        return  # the reader (collectord.status.read_status) drops anything that is not an object
     lines = status_lines(doc, time.time())
     assert lines and all(isinstance(line, str) and "\n" not in line for line in lines)
