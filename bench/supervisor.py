@@ -504,7 +504,10 @@ def _print_idle(plain: dict, beat: dict) -> None:
 
 
 def _schema_dsn(dsn: str, schema: str) -> str:
-    return f"{dsn} options='-csearch_path={schema}'"
+    """The DSN (key=value or URI) with its search_path set to schema."""
+    from psycopg2.extensions import make_dsn
+
+    return make_dsn(dsn, options=f"-csearch_path={schema}")
 
 
 def main(argv: list[str] | None = None) -> int:
