@@ -555,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         conn.close()
 
-    worst_idle = max(plain["supervisor"]["cpu_pct"], beat["supervisor"]["cpu_pct"],
-                     plain["supervisor"]["sched_cpu_pct"], beat["supervisor"]["sched_cpu_pct"])
+    # Judged on schedstat's nanoseconds: one 10 ms stat tick is 0.33 % of a 3 s quick window.
+    worst_idle = max(plain["supervisor"]["sched_cpu_pct"], beat["supervisor"]["sched_cpu_pct"])
     met = {
         "restart_delay_within_0.2s": schedule["max_abs_error_ms"] is not None and schedule["max_abs_error_ms"] <= 200,
         "stop_5_within_1s": all(s["seconds"] <= TARGETS["stop5_s"] for s in stops if s["children"] == 5),
