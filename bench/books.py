@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import subprocess
 import sys
 import tempfile
@@ -32,23 +31,14 @@ import uuid
 
 import psycopg2
 
+from bench import _polysim
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start_polysim(markets: int, seed: int, trade_rate: float) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "polysim", "--port", "0", "--markets", str(markets), "--seed", str(seed),
-           "--trade-rate", str(trade_rate), "--closed-markets", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("polysim listening on "):
-                return proc, int(line.strip().rsplit(":", 1)[1])
-            if not line:
-                break
-    proc.kill()
-    raise SystemExit("polysim did not start")
+    return _polysim.start(["--markets", str(markets), "--seed", str(seed), "--trade-rate", str(trade_rate),
+                           "--closed-markets", "0"], timeout=120)
 
 
 def timed(fn):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -48,6 +47,8 @@ if ROOT not in sys.path:
 
 import psycopg2  # noqa: E402
 
+from bench import _polysim  # noqa: E402
+
 from workers.messages import canon_decimal  # noqa: E402
 from workers.storage import migrate  # noqa: E402
 from workers.trades import TradesCollector  # noqa: E402
@@ -56,19 +57,8 @@ DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 
 
 def start_polysim(markets: int, rate: float) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "polysim", "--port", "0", "--markets", str(markets), "--seed", "1",
-           "--trade-rate", str(rate), "--closed-markets", "0", "--multi-fill", "0.1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("polysim listening on "):
-                return proc, int(line.strip().rsplit(":", 1)[1])
-            if not line:
-                break
-    proc.kill()
-    raise SystemExit("polysim did not start")
+    return _polysim.start(["--markets", str(markets), "--seed", "1", "--trade-rate", str(rate),
+                           "--closed-markets", "0", "--multi-fill", "0.1"], timeout=30)
 
 
 def get(port: int, path: str, timeout: float = 120.0):

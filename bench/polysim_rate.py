@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -26,23 +25,14 @@ import urllib.request
 
 import websocket
 
+from bench import _polysim
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start(markets: int, rate: float, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "polysim", "--port", "0", "--markets", str(markets), "--seed", "1",
-           "--trade-rate", str(rate), "--closed-markets", "0"] + extra
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("polysim listening on "):
-                return proc, int(line.strip().rsplit(":", 1)[1])
-            if not line:
-                break
-    proc.kill()
-    raise SystemExit("polysim did not start")
+    return _polysim.start(["--markets", str(markets), "--seed", "1", "--trade-rate", str(rate),
+                           "--closed-markets", "0", *extra], timeout=30)
 
 
 def get(port: int, path: str):
