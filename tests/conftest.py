@@ -33,6 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 
+def query(dsn: str, sql: str, params=None) -> list[tuple]:
+    """Run one statement on a fresh connection and return its rows (tests' read-back)."""
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
 def with_schema(dsn: str, schema: str) -> str:
     """The DSN with search_path set to schema (tables live in the DSN's current schema)."""
     opt = f"-csearch_path={schema}"

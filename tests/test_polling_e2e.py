@@ -26,6 +26,7 @@ import psycopg2
 import pytest
 
 from workers.storage import migrate
+from tests.conftest import query
 
 ROOT = Path(__file__).resolve().parent.parent
 UTC = timezone.utc
@@ -40,14 +41,6 @@ def wait_for(pred, timeout, every=0.2):
         time.sleep(every)
 
 
-def query(dsn, sql, params=None):
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def gamma_all(sim, closed):

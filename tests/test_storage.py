@@ -12,6 +12,7 @@ import pytest
 
 from workers.storage import TABLES, Writer, migrate
 from workers.storage.migrate import discover
+from tests.conftest import query as fetch
 
 TOKEN = "71321045679252212594626385532706912750332728571942532289631379312455583992563"  # 77 digits
 TOKEN78 = "1" + "0" * 76 + "7"  # 78 digits: beyond int64 and float64
@@ -19,14 +20,6 @@ assert len(TOKEN78) == 78
 T0 = datetime(2026, 5, 25, 22, 43, 31, 123000, tzinfo=timezone.utc)
 
 
-def fetch(dsn, sql, params=None):
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 @pytest.fixture

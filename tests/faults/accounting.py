@@ -34,6 +34,7 @@ from pathlib import Path
 import psycopg2
 
 from workers.messages import canon_decimal
+from tests.conftest import query as _query
 
 UTC = timezone.utc
 
@@ -42,14 +43,6 @@ def trade_key(token, tx, price, size, side) -> tuple:
     return (str(token), (tx or "").lower() or None, canon_decimal(str(price)), canon_decimal(str(size)), side)
 
 
-def _query(dsn: str, sql: str, params=None) -> list[tuple]:
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 class SpoolWatcher:

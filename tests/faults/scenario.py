@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import psycopg2
 
 from tests.faults.system import System, proc_stat, wait_for
+from tests.conftest import query
 
 UTC = timezone.utc
 
@@ -184,14 +185,6 @@ def exchange_fault(sim, journal: Journal, spec: dict) -> None:
     journal.add("exchange", ",".join(f"{k}={v}" for k, v in spec.items()))
 
 
-def query(dsn: str, sql: str, params=None):
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def quiesce(system: System, direct_dsn: str, timeout: float = 60.0) -> bool:
