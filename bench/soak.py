@@ -14,18 +14,24 @@ One run, in order:
      (429/5xx/slow/truncated/malformed/cut/extra fields/WS drop/stall/PONG withheld/
      unknown events/huge frames), pg_terminate_backend of our connections, a database
      outage (5-15 s; and one of 60 s in runs of 10 minutes or more), rows written first
-     by someone else, and (at most every 5 minutes) kill -9 of the supervisor and a
-     fresh start. With --s25: only kill -9 / SIGSTOP+SIGCONT every 0.5-3 s (scenario S25);
+     by someone else, and (at most every 2 minutes) kill -9 of the supervisor and a
+     fresh start. With --s25: only kill -9 / SIGSTOP+SIGCONT every 0.5-3 s (scenario S25).
+     From `--spare-from` minutes on, the `--spare` processes (witnesses: by default one
+     of each collector kind) are no longer picked for process faults and the supervisor
+     is no longer killed, so one incarnation of each kind lives long enough to show its
+     memory; every other fault still reaches them, and the other trade shards keep being
+     killed. `--spare ''` spares nothing (every process killed all run long);
   4. every `--sample` s: RSS of the supervisor and of every child; after the run the
      least-squares slope per process after `--warmup` minutes, over the longest-lived
      pid of each name (a killed child's successor starts with a fresh heap). A trade
-     shard remembers each transaction's repeat counts for 10-20 minutes (workers/trades.py
-     Ordinals), so its RSS is only expected flat after ~20 minutes of one incarnation:
-     judge it on a 30-minute run (--warmup 20), not on a short one;
+     shard remembers each transaction's repeat counts for 2-4 minutes (workers/trades.py
+     Ordinals), so its RSS grows for the first minutes of an incarnation;
   5. faults stop, the system settles (gaps recovered, spool empty), SIGTERM, then the
      accounting against polysim's ledger (tests/faults/accounting.py): missing,
      duplicated, orphans, gaps, restarts, spool bytes replayed; restart delays against
-     the policy; supervisor fd count and RSS.
+     the policy; supervisor fd count and RSS; zombies that outlived 1 s (this process is
+     the children's subreaper, as init or systemd would be, and reaps those a killed
+     supervisor left: tests/faults/system.py).
 Prints the fault counts, the accounting table, the memory table, then one JSON line.
 A benchmark: it asserts nothing, it prints figures.
 """
@@ -109,16 +115,21 @@ def memory_sample(system: System, samples: dict, t: float) -> None:
 
 
 def mixed_fault(rng, system, sim, proxy, direct, journal, chaos, state, args) -> None:
+    """One fault drawn at random (see the module docstring, step 3)."""
     roll = rng.random()
     now = time.monotonic()
-    if roll < 0.28:
-        got = S.kill_child(system, journal, rng)
+    sparing = now >= state["spare_at"]
+    targets = sorted(n for n in system.children() if not (sparing and n in state["spare"]))
+    if roll < 0.43 and not targets:
+        S.exchange_fault(sim, journal, rng.choice(S.EXCHANGE_FAULTS))
+    elif roll < 0.28:
+        got = S.kill_child(system, journal, rng, names=targets)
         if got:
             chaos.kills.append(Kill(got[0], got[1], time.time() - (time.monotonic() - got[2])))
     elif roll < 0.40:
-        S.stop_cont(system, journal, rng, rng.uniform(0.1, 1.0))
+        S.stop_cont(system, journal, rng, rng.uniform(0.1, 1.0), names=targets)
     elif roll < 0.43:
-        name = rng.choice(sorted(S.live_children(system)) or ["markets"])
+        name = rng.choice(sorted(set(S.live_children(system)) & set(targets)) or targets)
         try:
             S.stop_child(system, journal, name, args.watchdog)
         except AssertionError as err:
@@ -131,7 +142,7 @@ def mixed_fault(rng, system, sim, proxy, direct, journal, chaos, state, args) ->
         S.outage(proxy, journal, rng.uniform(5, 15))
     elif roll < 0.90:
         S.conflicting_rows(sim, direct, journal)
-    elif roll < 0.92 and now - state["last_sup_kill"] > 300:
+    elif roll < 0.92 and now - state["last_sup_kill"] > 120 and not sparing:
         state["last_sup_kill"] = now
         pid = system.kill_supervisor()
         journal.add("kill -9 supervisor", f"pid {pid}")
@@ -148,7 +159,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--rate", type=float, default=2000.0, help="trades/s polysim publishes")
     p.add_argument("--markets", type=int, default=50)
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--shards", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--every-min", type=float, default=2.0, help="seconds between faults, at least")
     p.add_argument("--every-max", type=float, default=6.0, help="seconds between faults, at most")
@@ -156,11 +167,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sample", type=float, default=60.0, help="seconds between RSS samples")
     p.add_argument("--warmup", type=float, default=None, help="minutes ignored by the memory slope "
                    "(default: 2, or a fifth of the run if shorter)")
+    p.add_argument("--spare", default=None, help="comma-separated processes spared from process faults "
+                   "from --spare-from on (default: markets,prices,orderbooks,resolutions and the first "
+                   "trade shard; '' spares none)")
+    p.add_argument("--spare-from", type=float, default=None, help="minute from which --spare applies and "
+                   "the supervisor is no longer killed (default: a third of the run)")
     p.add_argument("--watchdog", type=float, default=5.0)
     p.add_argument("--dsn", default=os.environ.get("COLLECTORD_TEST_DSN", DEFAULT_DSN))
     p.add_argument("--keep", action="store_true", help="keep the run directory and the schema")
     args = p.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else min(2.0, args.minutes / 5)
+    if args.spare is None:
+        first = "trades" if args.shards == 1 else "trades.0"
+        args.spare = f"markets,prices,orderbooks,resolutions,{first}"
+    spare = {n.strip() for n in args.spare.split(",") if n.strip()}
+    spare_from = args.spare_from if args.spare_from is not None else args.minutes / 3
     rng = random.Random(args.seed)
 
     base = Path(tempfile.mkdtemp(prefix="collectord-soak-"))
@@ -176,17 +197,20 @@ def main(argv: list[str]) -> int:
     proxied = with_schema(" ".join(f"{k}={v}" for k, v in parts.items()), schema)
     sim = start_polysim(args)
     system = System(base, proxied, sim, shards=args.shards, watchdog=args.watchdog, backoff_initial=INITIAL,
-                    backoff_max=MAXIMUM, max_restarts=1_000_000)
+                    backoff_max=MAXIMUM, max_restarts=1_000_000, reap_orphans=True)
     journal = S.Journal()
     chaos = Chaos(system, rng)
     spool = accounting.SpoolWatcher(system.spool_dir, every=1.0).start()
     samples: dict[str, list[tuple[float, int, int]]] = {}
-    state = {"last_sup_kill": time.monotonic(), "orphans_after_sup_kill": 0}
+    state = {"last_sup_kill": time.monotonic(), "orphans_after_sup_kill": 0, "spare": spare,
+             "spare_at": (time.monotonic() + spare_from * 60) if spare else float("inf")}
     code = None
     settled = False
     cutoff = None
     print(f"soak: {args.minutes:g} min at {args.rate:g} trades/s, {args.markets} markets, "
-          f"{'S25 chaos' if args.s25 else 'mixed faults'}; run dir {base}, schema {schema}", flush=True)
+          f"{args.shards} trade shards, {'S25 chaos' if args.s25 else 'mixed faults'}"
+          f"{f'; sparing {sorted(spare)} from minute {spare_from:g}' if spare and not args.s25 else ''}; "
+          f"run dir {base}, schema {schema}", flush=True)
     t_start = time.time()
     try:
         system.start(wait=120)
@@ -246,21 +270,31 @@ def main(argv: list[str]) -> int:
         # the longest-lived incarnation's samples after the warm-up, never across pids.
         by_pid: dict[int, list[tuple[float, float]]] = {}
         for t, pid, rss in rows:
-            if t >= warmup * 60:
-                by_pid.setdefault(pid, []).append((t, rss))
-        longest = max(by_pid.values(), key=len, default=[])
-        memory[name] = {"samples": len(rows), "pids": len({pid for _, pid, _ in rows}),
+            by_pid.setdefault(pid, []).append((t, rss))
+        late = {pid: [s for s in got if s[0] >= warmup * 60] for pid, got in by_pid.items()}
+        pid = max(late, key=lambda p: len(late[p]), default=None)
+        longest = late.get(pid, [])
+        memory[name] = {"samples": len(rows), "pids": len(by_pid), "spared": name in spare,
+                        "pid": pid, "pid_minutes": round((by_pid[pid][-1][0] - by_pid[pid][0][0]) / 60, 1)
+                        if pid else 0,
                         "slope_samples": len(longest),
-                        "rss_mb_first": round(rows[0][2] / 1024, 1), "rss_mb_last": round(rows[-1][2] / 1024, 1),
+                        "rss_mb_from": round(longest[0][1] / 1024, 1) if longest else None,
+                        "rss_mb_to": round(longest[-1][1] / 1024, 1) if longest else None,
+                        "rss_mb_max_any_pid": round(max(r for _, _, r in rows) / 1024, 1),
                         "slope_kb_per_min": round(slope_per_minute(longest), 1) if len(longest) >= 2 else None}
     print(f"faults: {journal.counts()}")
     print(accounting.table(figures, f"soak {args.minutes:g} min at {args.rate:g} trades/s"))
     print(f"memory (RSS each {args.sample:g} s; least-squares slope after {warmup:g} min warm-up, over the "
-          "longest-lived pid of each process name):")
-    print(f"  {'process':<14} {'samples':>7} {'pids':>5} {'first MB':>9} {'last MB':>8} {'slope n':>7} {'kB/min':>9}")
+          "longest-lived pid of each process name; * = spared from process faults after "
+          f"minute {spare_from:g}):")
+    print(f"  {'process':<14} {'pids':>5} {'pid lived':>9} {'slope n':>7} {'from MB':>8} {'to MB':>6} "
+          f"{'kB/min':>9} {'max MB any pid':>14}")
     for name, m in memory.items():
-        print(f"  {name:<14} {m['samples']:>7} {m['pids']:>5} {m['rss_mb_first']:>9} {m['rss_mb_last']:>8} "
-              f"{m['slope_samples']:>7} {m['slope_kb_per_min'] if m['slope_kb_per_min'] is not None else '-':>9}")
+        slope = m["slope_kb_per_min"] if m["slope_kb_per_min"] is not None else "-"
+        label = name + (" *" if m["spared"] else "")
+        print(f"  {label:<14} {m['pids']:>5} {m['pid_minutes']:>7}min {m['slope_samples']:>7} "
+              f"{m['rss_mb_from'] if m['rss_mb_from'] is not None else '-':>8} "
+              f"{m['rss_mb_to'] if m['rss_mb_to'] is not None else '-':>6} {slope:>9} {m['rss_mb_max_any_pid']:>14}")
     out = dict(figures, memory=memory, faults=journal.counts(), run_dir=str(base))
     out.pop("duplicated_rows", None)
     (base / "soak.json").write_text(json.dumps(out, default=str) + "\n")

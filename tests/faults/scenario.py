@@ -110,11 +110,14 @@ def stop_child(system: System, journal: Journal, name: str, watchdog: float, tim
     return killed_after
 
 
-def stop_cont(system: System, journal: Journal, rng: random.Random, pause: float) -> str | None:
+def stop_cont(system: System, journal: Journal, rng: random.Random, pause: float,
+              names: list[str] | None = None) -> str | None:
+    """SIGSTOP a random live child (of `names`) for `pause` seconds, then SIGCONT it."""
     live = live_children(system)
-    if not live:
+    choices = sorted(n for n in (names or list(live)) if n in live)
+    if not choices:
         return None
-    name = rng.choice(sorted(live))
+    name = rng.choice(choices)
     pid = live[name]
     os.kill(pid, signal.SIGSTOP)
     journal.add("SIGSTOP+SIGCONT", f"{name} pid {pid} for {pause:.2f}s")

@@ -6,6 +6,13 @@ runs the supervisor and waits until every child is RUNNING, and a watcher thread
 records every pid that was ever a child of one of our supervisors (from /proc),
 so `orphans()` can say whether anything we started is still alive after a stop or a
 kill -9 of the supervisor. Only pids recorded here are ever signalled.
+
+`reap_orphans=True` (the soak) makes this process a child subreaper, as init or
+systemd is for a real daemon: children orphaned by a kill -9 of the supervisor are
+re-parented here instead of to the machine's PID 1 (which in this sandbox reaps
+late), and the watcher reaps them, so a zombie counted by the soak is one the
+supervisor left, not one the sandbox's init did. Only recorded pids are reaped,
+never a subprocess.Popen child of ours.
 """
 
 from __future__ import annotations
@@ -85,8 +92,9 @@ class System:
     def __init__(self, tmp: Path, dsn: str, sim, *, shards: int = 2, watchdog: float = 5.0,
                  backoff_initial: float = 0.5, backoff_max: float = 2.0, max_restarts: int = 1000,
                  reset_after: float = 600.0, extra: str = "", trades: dict | None = None,
-                 polling: bool = True, health_interval: float = 0):
+                 polling: bool = True, health_interval: float = 0, reap_orphans: bool = False):
         self.tmp = Path(tmp)
+        self.reap_orphans = reap_orphans
         self.dsn = dsn
         self.sim = sim
         self.conf = self.tmp / "collectord.conf"
@@ -135,6 +143,10 @@ class System:
     def start(self, wait: float = 60.0, expect: set[str] | None = None) -> None:
         """Run the supervisor in the foreground (its log on stderr -> supervisor.log)."""
         self._log = open(self.log_path, "a")
+        if self.reap_orphans and not self.supervisors:
+            from collectord.supervisor import PR_SET_CHILD_SUBREAPER, prctl
+
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
         self.proc = subprocess.Popen([sys.executable, "-m", "collectord", "-c", str(self.conf), "start",
                                       "--foreground"], stdout=self._log, stderr=self._log, env=self.env(),
                                      cwd=str(self.tmp))
@@ -202,6 +214,21 @@ class System:
         for sup in self.supervisors:
             for pid in proc_children(sup):
                 self.seen.setdefault(pid, f"child of supervisor {sup}")
+        if self.reap_orphans:
+            self.reap()
+
+    def reap(self) -> None:
+        """Reap recorded pids re-parented to us (we are their subreaper) once they are zombies."""
+        me = os.getpid()
+        for pid in list(self.seen):
+            if pid in self.supervisors:
+                continue
+            st = proc_stat(pid)
+            if st is not None and st[0] == "Z" and st[1] == me:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
     def status(self) -> dict | None:
         try:
@@ -232,7 +259,7 @@ class System:
         self.scan()
         current = set(proc_children(self.proc.pid)) if self.proc and self.proc.poll() is None else set()
         out = []
-        for pid in self.seen:
+        for pid in list(self.seen):
             st = proc_stat(pid)
             if st is not None and st[0] not in ("Z", "X") and pid not in current:
                 try:
