@@ -62,6 +62,7 @@ from tests.conftest import PolysimProcess, with_schema  # noqa: E402
 from tests.faults import accounting  # noqa: E402
 from tests.faults import scenario as S  # noqa: E402
 from tests.faults.chaos import Chaos, Kill, slope_per_minute  # noqa: E402
+from tests.faults.chaos import log_time as chaos_log_time  # noqa: E402
 from tests.faults.proxy import Proxy  # noqa: E402
 from tests.faults.system import System, proc_children, rss_kb  # noqa: E402
 
@@ -112,6 +113,52 @@ def memory_sample(system: System, samples: dict, t: float) -> None:
         rss = rss_kb(pid)
         if rss is not None:
             samples.setdefault(name, []).append((t, pid, rss))
+
+
+def explain_missing(sim: PolysimProcess, dsn: str, keys: list, log_text: str) -> list[dict]:
+    """For each missing trade: when it happened and was published, the gaps of its token
+    around it, its token's coverage mark and shard, its transaction's stored fills, and the
+    supervisor's kills/spawns of that shard within 30 s: what a diagnosis starts from."""
+    wanted = {tuple(k) for k in keys}
+    found = []
+    for t in ledger_pages(sim):
+        key = accounting.trade_key(t["asset_id"], t["transaction_hash"], t["price"], t["size"], t["side"])
+        if key in wanted:
+            found.append(t)
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    out = []
+    try:
+        with conn.cursor() as cur:
+            for t in found:
+                ts = int(t["timestamp"]) / 1000
+                cur.execute("SELECT started_at, ended_at, reason, recovered_at, recovered_trades, shard FROM feed_gaps"
+                            " WHERE token_id = %s AND started_at <= to_timestamp(%s) + interval '30 s'"
+                            " AND coalesce(ended_at, 'infinity') >= to_timestamp(%s) - interval '30 s'"
+                            " ORDER BY started_at", (t["asset_id"], ts, ts))
+                gaps = [[str(x) for x in g] for g in cur.fetchall()]
+                cur.execute("SELECT covered_until, shard FROM feed_coverage WHERE token_id = %s", (t["asset_id"],))
+                cov = cur.fetchone()
+                cur.execute("SELECT source, ordinal, ts, received_at FROM trades WHERE tx_hash = %s ORDER BY ts",
+                            (t["transaction_hash"],))
+                fills = [[str(x) for x in r] for r in cur.fetchall()]
+                shard = cov[1] if cov else None
+                name = "trades" if shard in (None, "0/1") else f"trades.{shard.split('/')[0]}"
+                events = []
+                for line in log_text.splitlines():
+                    if f"supervisor: {name}:" in line and ("spawned" in line or "restart #" in line):
+                        try:
+                            at = chaos_log_time(line[:23])
+                        except ValueError:
+                            continue
+                        if abs(at - ts) <= 30:
+                            events.append(f"{at - ts:+.1f}s {line[24:][:140]}")
+                out.append({"token": t["asset_id"][:12], "tx": t["transaction_hash"][:12], "ts": t["timestamp"],
+                            "published_minus_ts_ms": t["published_ms"] - int(t["timestamp"]),
+                            "shard": shard, "covered_until": str(cov[0]) if cov else None, "gaps": gaps,
+                            "tx_fills_stored": fills, "shard_events": events})
+    finally:
+        conn.close()
+    return out
 
 
 def mixed_fault(rng, system, sim, proxy, direct, journal, chaos, state, args) -> None:
@@ -295,6 +342,13 @@ def main(argv: list[str]) -> int:
         print(f"  {label:<14} {m['pids']:>5} {m['pid_minutes']:>7}min {m['slope_samples']:>7} "
               f"{m['rss_mb_from'] if m['rss_mb_from'] is not None else '-':>8} "
               f"{m['rss_mb_to'] if m['rss_mb_to'] is not None else '-':>6} {slope:>9} {m['rss_mb_max_any_pid']:>14}")
+    missing_keys = figures.pop("missing_keys", [])
+    if missing_keys:
+        explained = explain_missing(sim, direct, missing_keys, system.log_text())
+        (base / "missing.json").write_text(json.dumps(explained, indent=1) + "\n")
+        print(f"missing trades, explained ({len(explained)}; all in {base / 'missing.json'}):")
+        for m in explained[:10]:
+            print("  " + json.dumps(m))
     out = dict(figures, memory=memory, faults=journal.counts(), run_dir=str(base))
     out.pop("duplicated_rows", None)
     (base / "soak.json").write_text(json.dumps(out, default=str) + "\n")

@@ -161,6 +161,7 @@ def collect(ledger, dsn: str, *, cutoff_ms: int | None = None, restarts: int = 0
         "spool_bytes_left": spool.pending_bytes() if spool else 0,
         "rows_rejected": rejected_rows(spool_dir) if spool_dir else 0,
         "missing_examples": [list(k) for k in missing_examples],
+        "missing_keys": [list(k) for k, n in expected.items() if stored[k] < n][:1000],
         "duplicated_examples": [list(k) for k in dup_examples],
         "duplicated_rows": dup_rows,  # [key, times published, [[ordinal, source, ts, received_at], ...]]
     }
@@ -184,7 +185,7 @@ def table(figures: dict, title: str = "accounting") -> str:
     for k in keys:
         v = figures[k]
         lines.append(f"{k:<{width}}  {v:>12}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}")
-    for k in ("missing_examples", "duplicated_examples", "duplicated_rows"):
+    for k in ("missing_examples", "duplicated_examples", "duplicated_rows", "missing_keys"):
         if figures.get(k):
             lines.append(f"{k}: {figures[k]}")
     lines.append(rule)
