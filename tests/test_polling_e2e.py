@@ -498,3 +498,32 @@ def test_unsettled_markets_newest_closures_first_and_a_rotation_over_the_rest(pg
         assert everything == {f"m{i}" for i in range(10)} - {"m1"}
     finally:
         db.close()
+
+
+def test_markets_full_scan_falls_back_to_offset_paging_when_keyset_is_gone(tmp_path, pg_dsn, quiet_sim, caplog):
+    """/markets/keyset answering 404 (an exchange without it, or a gateway that lost the
+    route): the full scan switches to offset paging over /markets ordered by id and still
+    stores every market, open and closed, once."""
+    from workers.markets import MarketsCollector
+
+    migrate(pg_dsn)
+    expected = {m["id"] for m in gamma_all(quiet_sim, False) + gamma_all(quiet_sim, True)}
+    quiet_sim.faults(surface="gamma", kind="5xx", status=404, path="/gamma/markets/keyset")
+    markets = _collector(MarketsCollector, quiet_sim, pg_dsn, tmp_path, "markets", page_size=5, full_scan_pages=2)
+    markets.init_process()
+    try:
+        with caplog.at_level("WARNING", logger="workers.markets"):
+            for _ in range(20):
+                markets.step()
+                if markets._scans_done:
+                    break
+        assert markets._scans_done == 1
+        assert any("keyset paging unavailable" in r.getMessage() for r in caplog.records)
+        fault = quiet_sim.get("/_sim/faults")
+        fired = [f["fired"] for f in (fault if isinstance(fault, list) else fault.get("faults", []))]
+        assert fired == [1]  # asked once: the rest of this scan (both phases) stays on offset paging
+        stored = {r[0] for r in query(pg_dsn, "SELECT market_id FROM markets")}
+        assert stored == expected
+        assert query(pg_dsn, "SELECT count(*) FROM markets")[0][0] == len(expected)
+    finally:
+        markets.shutdown()
