@@ -1,10 +1,11 @@
-"""Hostile environment: PID file tricks, spool directories of the wrong owner or mode,
-DSN passwords, TLS verification.
+"""Hostile environment: PID file and log file tricks, spool directories of the wrong owner
+or mode, DSN passwords, TLS verification.
 
 PID file (through the real CLI, `collectord -c CONF start`): a symlinked PID file
 path, a directory owned by another user, writable by every user, or a PID file
 pre-created by another user in a sticky /tmp-like directory: start refuses with
 one line (exit 1), the symlink's target is untouched, nothing keeps running.
+A symlinked log file is refused the same way, and never followed after a rotation.
 Spool (workers.storage.Writer, non-root where permissions matter: a forked child
 that drops to `nobody`): refused or reported, never rows dropped without a word.
 DSN password: a supervisor run with a password in its DSN URI, a DB outage and a
@@ -116,6 +117,40 @@ def test_pidfile_precreated_by_another_user_in_a_sticky_directory_is_refused(tmp
     line = refused(conf(tmp_path, pg_dsn, pidfile))
     assert "PID file" in line, line
     assert pidfile.read_text() == "1\n"
+
+
+# -- log file ---------------------------------------------------------------------------------------
+def test_logfile_symlink_is_refused_at_start_and_after_a_rotation(tmp_path, pg_dsn):
+    """A symlink at the log path (planted by whoever can write the log directory) is never
+    followed: start refuses with one line; a running daemon whose rotated log is replaced
+    by a symlink writes nothing through it, on the next line or on SIGHUP's reopen."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious contents\n")
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    (logdir / "collectord.log").symlink_to(victim)
+    config = conf(tmp_path, pg_dsn, tmp_path / "run" / "collectord.pid")
+    line = refused(config, victim, b"precious contents\n")
+    assert "symlink" in line and "collectord.log" in line, line
+
+    (logdir / "collectord.log").unlink()
+    try:
+        started = cli(config, "start")
+        assert started.returncode == 0, started.stderr
+        log = logdir / "collectord.log"
+        assert wait_for(lambda: log.exists() and b"starting" in log.read_bytes(), 30)
+        log.rename(logdir / "collectord.log.1")  # logrotate's rename, then the attacker's symlink
+        log.symlink_to(victim)
+        pid = int((tmp_path / "run" / "collectord.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)  # reload: reopen the log, log the outcome
+        time.sleep(2)
+        # A log line that cannot be written is lost, never an exception out of the log call.
+        assert cli(config, "status").returncode == 0, "the supervisor died of its log file"
+    finally:
+        stopped = cli(config, "stop", "--timeout", "10")
+    assert stopped.returncode == 0, stopped.stderr
+    assert victim.read_bytes() == b"precious contents\n", "the daemon wrote through the symlink"
+    assert log.is_symlink()
 
 
 # -- spool directory ------------------------------------------------------------------------------
