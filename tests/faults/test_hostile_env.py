@@ -413,3 +413,16 @@ def test_websocket_refuses_a_self_signed_server(tls_server):
     assert "CERTIFICATE_VERIFY_FAILED" in (conn.last_error or "") or "certificate" in (conn.last_error or ""), \
         conn.last_error
     assert served == []
+
+
+def test_status_json_is_never_written_through_a_planted_symlink(tmp_path):
+    from collectord.status import read_status, write
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious contents\n")
+    path = tmp_path / "status.json"
+    (tmp_path / f".status.json.{os.getpid()}.tmp").symlink_to(victim)  # the tmp name is predictable
+    write(str(path), {"version": 1, "children": []})
+    assert read_status(str(path)) == {"version": 1, "children": []}
+    assert victim.read_bytes() == b"precious contents\n"
+    assert not path.is_symlink()
