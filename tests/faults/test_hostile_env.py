@@ -342,6 +342,23 @@ def test_dsn_password_not_echoed_by_a_dsn_syntax_error(tmp_path):
     assert SECRET not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
+def test_config_holding_a_password_readable_by_every_user_is_flagged(tmp_path, pg_server_dsn):
+    """A DSN password in a world-readable config file is every local user's: check and start
+    say so in one line (without the password); mode 0640 silences it."""
+    config = conf(tmp_path, f"{pg_server_dsn} password={SECRET}", tmp_path / "run" / "collectord.pid")
+    os.chmod(config, 0o644)
+    proc = cli(config, "check")
+    warned = [line for line in proc.stdout.splitlines() if "readable by every user" in line]
+    assert len(warned) == 1 and str(config) in warned[0], proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr
+    os.chmod(config, 0o640)
+    proc = cli(config, "check")
+    assert "readable by every user" not in proc.stdout + proc.stderr, proc.stdout
+    os.chmod(config, 0o644)
+    plain = conf(tmp_path, pg_server_dsn, tmp_path / "run" / "collectord.pid")  # no password: nothing to say
+    assert "readable by every user" not in cli(plain, "check").stdout
+
+
 # -- TLS verification -----------------------------------------------------------------------------
 def test_no_code_disables_tls_verification():
     pattern = re.compile(r"verify\s*=\s*False|CERT_NONE|cert_reqs|check_hostname\s*=\s*False|"
