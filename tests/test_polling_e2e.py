@@ -382,6 +382,30 @@ def test_resolution_written_once_and_corrected(tmp_path, pg_dsn, quiet_sim):
             w.shutdown()
 
 
+def test_resolutions_split_a_request_gamma_refuses_for_its_url(tmp_path, pg_dsn, quiet_sim):
+    """A 414 (URL too long: ids go in the query) on the first request: its halves are asked and
+    every closed market still gets its verdict in that cycle."""
+    from workers.markets import MarketsCollector
+    from workers.resolutions import ResolutionsCollector
+
+    migrate(pg_dsn)
+    markets = _collector(MarketsCollector, quiet_sim, pg_dsn, tmp_path, "markets")
+    res = _collector(ResolutionsCollector, quiet_sim, pg_dsn, tmp_path, "resolutions", batch=4)
+    for w in (markets, res):
+        w.init_process()
+    try:
+        markets.step()
+        quiet_sim.faults(surface="gamma", kind="5xx", status=414, count=1, path="/gamma/markets")
+        res.step()
+        cycle = res.last_cycle
+        assert cycle["split"] == 1 and cycle["failed_batches"] == cycle["rejected"] == 0, cycle
+        assert cycle["checked"] == 4 and cycle["written"] == 4 and cycle["unanswered"] == 0, cycle
+        assert cycle["requests"] == 3 and res.counters["last_success"] is not None
+    finally:
+        for w in (markets, res):
+            w.shutdown()
+
+
 def test_database_down_is_counted_not_a_crash(tmp_path, pg_dsn, quiet_sim):
     """No database: a cycle that needs a query fails cleanly (counted); a known followed set keeps being used."""
     import socket
