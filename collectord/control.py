@@ -20,6 +20,7 @@ import math
 import os
 import select
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -116,11 +117,28 @@ def _validate(config: Config) -> list:
     return specs
 
 
+def _exposed_password(config: Config) -> str | None:
+    """A warning when the config file holds a DSN password every local user can read."""
+    if not config.path or not config.dsn or redact_dsn(config.dsn) == config.dsn:
+        return None
+    try:
+        mode = os.stat(config.path).st_mode
+    except OSError:
+        return None
+    if not mode & stat.S_IROTH:
+        return None
+    return (f"{config.path} holds a database password and is readable by every user "
+            f"(chmod o-r {config.path}; see docs/operations.md)")
+
+
 def cmd_start(config: Config, *, foreground: bool, out: TextIO) -> int:
-    """Validate (exit 78 on a bad config or collector), then start."""
+    """Validate (exit 78 on a bad config or collector), warn about a readable password, then start."""
     from collectord import daemon
 
     _validate(config)
+    exposed = _exposed_password(config)
+    if exposed:
+        print(f"collectord: warning: {exposed}", file=sys.stderr)
     if not foreground and config.logfile in ("", "-"):
         print("collectord: warning: logfile = - sends a daemon's log to /dev/null; "
               "set logfile or use start --foreground", file=sys.stderr)
@@ -409,6 +427,9 @@ def cmd_check(config: Config, *, out: TextIO) -> int:
     specs = _validate(config)
     names = ", ".join(s.name for s in specs)
     print(f"config: ok ({config.path or 'built-in defaults'}; collectors: {names})", file=out)
+    exposed = _exposed_password(config)
+    if exposed:
+        print(f"config: warning: {exposed}", file=out)
     ok_db, line_db = _check_database(config)
     print(line_db, file=out)
     ok_ex, line_ex = _check_exchange(config)

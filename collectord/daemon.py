@@ -30,7 +30,7 @@ import time
 import traceback
 from typing import Callable
 
-from collectord import pidfile, privileges
+from collectord import logs, pidfile, privileges
 from collectord.config import Config
 from collectord.errors import AlreadyRunning, CollectordError, StartError
 
@@ -110,11 +110,12 @@ def foreground(config: Config) -> int:
 
 
 def _crash_log(config: Config, text: str) -> None:
-    """Last resort for a bug in the daemon before logging works: append to the log file."""
+    """Last resort for a bug in the daemon before logging works: append to the log file
+    (never through a symlink: logs.open_log)."""
     if not config.logfile or config.logfile == "-":
         return
     try:
-        with open(config.logfile, "a", encoding="utf-8") as fh:
+        with logs.open_log(config.logfile) as fh:
             fh.write(text)
     except OSError:
         pass

@@ -5,14 +5,19 @@ The supervisor sets the handlers up once (setup); children inherit them across
 the fork and call set_process_name() so their lines say who they are. The file
 handler is a WatchedFileHandler: after logrotate renames the file, every
 process reopens it on its next line (and reopen() does so at once on SIGHUP).
-`logfile = -` or foreground mode logs to stderr instead.
+Every open, first or after a rotation, refuses a symlink or anything but a
+regular file at the log path (LogFile), so whoever can write the log directory
+cannot point the daemon's lines, written as root or as its account, at another
+file. `logfile = -` or foreground mode logs to stderr instead.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 
 FORMAT = "%(asctime)s %(proc_title)s[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -31,6 +36,50 @@ class _ProcessName(logging.Filter):
 
 
 _name_filter = _ProcessName()
+
+
+def open_log(path: str, encoding: str = "utf-8", errors: str | None = None):
+    """Open `path` for appending, refusing a symlink or anything but a regular file.
+
+    O_NOFOLLOW makes a symlink fail (ELOOP); O_NONBLOCK makes a FIFO planted there
+    fail instead of hanging the daemon; then fstat must say regular file. A new
+    file is created 0640. Raises OSError with a message saying which.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symlink; refusing to follow it", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file; refusing", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", encoding=encoding, errors=errors)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class LogFile(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that opens with open_log() and whose emit() never raises.
+
+    The standard handler (re)opens its file inside emit() outside any try: a log
+    file that cannot be reopened after a rotation (a symlink planted, permissions,
+    no fds left) would raise out of whatever log call came next and take the
+    supervisor down. Here that line is lost through handleError and the next
+    line tries to open the file again.
+    """
+
+    def _open(self):
+        return open_log(self.baseFilename, self.encoding or "utf-8", self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except Exception:
+            self.handleError(record)
 
 
 def set_process_name(name: str) -> None:
@@ -54,7 +103,7 @@ def setup(logfile: str, loglevel: str = "INFO", *, foreground: bool = False) -> 
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
         os.makedirs(os.path.dirname(logfile) or ".", exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(logfile, encoding="utf-8")
+        handler = LogFile(logfile, encoding="utf-8")
     for old in list(root.handlers):
         if _ours(old):
             root.removeHandler(old)

@@ -17,11 +17,20 @@ VERSION = 1
 
 
 def write(path: str, doc: dict[str, Any]) -> None:
-    """Atomically replace `path` with doc as JSON (tmp file + rename)."""
+    """Atomically replace `path` with doc as JSON (tmp file + rename).
+
+    The tmp file is created afresh (a leftover, or a symlink planted in its
+    place, is unlinked first; O_EXCL|O_NOFOLLOW), so the write never lands in
+    another file.
+    """
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     data = json.dumps(doc, indent=1, sort_keys=False, default=str).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
         while view:

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="messages a WebSocket client may fall behind before it is dropped")
     p.add_argument("--clob-page-size", type=_positive(int), default=d.clob_page_size,
                    help="rows per CLOB /markets page")
+    p.add_argument("--max-batch-ids", type=_positive(int), default=d.max_batch_ids,
+                   help="ids one CLOB batch request (/books, /prices, /midpoints, /spreads, /last-trades-prices) "
+                        "may name; more are answered 400 (default %(default)s)")
     p.add_argument("--tick", type=_positive(float), default=d.tick, help="engine period in seconds")
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     return p
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.multi_fill > 1 or args.void_rate > 1:
         print("polysim: --multi-fill and --void-rate are shares within [0, 1]", file=sys.stderr)
         return 2
-    if args.batch_max < 1 or args.clob_page_size < 1 or args.tick <= 0:
-        print("polysim: --batch-max, --clob-page-size and --tick must be positive", file=sys.stderr)
+    if args.batch_max < 1 or args.clob_page_size < 1 or args.max_batch_ids < 1 or args.tick <= 0:
+        print("polysim: --batch-max, --clob-page-size, --max-batch-ids and --tick must be positive", file=sys.stderr)
         return 2
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="polysim %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         ping_timeout=args.ping_timeout, ts_jitter_ms=args.ts_jitter_ms, epoch_ms=args.epoch_ms, batch_max=args.batch_max,
         clob_page_size=args.clob_page_size, tick=args.tick,
         max_frame_ids=args.max_frame_ids, max_dump_assets=args.max_dump_assets,
-        max_pending=args.max_pending,
+        max_pending=args.max_pending, max_batch_ids=args.max_batch_ids,
     )
     from polysim.server import run  # aiohttp is only needed to serve, not to print --help
 

@@ -3,8 +3,13 @@
 A token has a book only while its market is open and past its CLOB delay;
 otherwise /book answers 404 "No orderbook exists for the requested token id"
 (new markets during their first seconds, closed and resolved markets, unknown
-ids), and the batch endpoints silently drop it. Listings page with base64 offset
-cursors from "MA==" to the end marker "LTE=".
+ids), and the batch endpoints silently drop it. A batch request (/books, /prices,
+/midpoints, /spreads, /last-trades-prices, POST or GET) naming more than
+`max_batch_ids` ids is answered 400 {"error": "too many token ids (max N)"}; every
+item counts, so POST /prices with BUY and SELL names each token twice (the real
+limit is on request bytes, past about 500 ids). /last-trades-prices never takes
+more than its documented 500. Listings page with base64 offset cursors from
+"MA==" to the end marker "LTE=".
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ class Clob:
     def _listed(self, m: Market) -> bool:
         return m.state != "pending" and m.created_ms <= self.x.now_ms
 
+    def _too_many(self, n: int, cap: int | None = None) -> tuple[int, dict] | None:
+        """The 400 answer for a batch request naming n ids when more than allowed are named, else None."""
+        limit = self.x.opts.max_batch_ids if cap is None else min(cap, self.x.opts.max_batch_ids)
+        return (400, {"error": f"too many token ids (max {limit})"}) if n > limit else None
+
     # -- books ---------------------------------------------------------------------------
     def book(self, q):
         token = q.get("token_id", "")
@@ -53,6 +63,9 @@ class Clob:
     def books(self, body):
         if not isinstance(body, list):
             return 400, {"error": "Invalid payload"}
+        too_many = self._too_many(len(body))
+        if too_many:
+            return too_many
         out = []
         for item in body:
             token = item.get("token_id") if isinstance(item, dict) else None
@@ -82,6 +95,9 @@ class Clob:
         return 200, {"price": p}
 
     def prices(self, pairs: list[tuple[str, str]]):
+        too_many = self._too_many(len(pairs))
+        if too_many:
+            return too_many
         out: dict = {}
         for token, side in pairs:
             p = self._side_price(token, side.upper())
@@ -123,6 +139,9 @@ class Clob:
         return 200, {"mid": mid}
 
     def midpoints(self, tokens: list[str]):
+        too_many = self._too_many(len(tokens))
+        if too_many:
+            return too_many
         out = {}
         for t in tokens:
             mid = self._mid(t)
@@ -146,6 +165,9 @@ class Clob:
         return (200, {"spread": s}) if s is not None else (404, NO_BOOK)
 
     def spreads(self, tokens: list[str]):
+        too_many = self._too_many(len(tokens))
+        if too_many:
+            return too_many
         out = {}
         for t in tokens:
             s = self._spread(t)
@@ -170,8 +192,9 @@ class Clob:
         return 200, {"price": last[0], "side": last[1]}
 
     def last_trades_prices(self, tokens: list[str]):
-        if len(tokens) > LAST_TRADES_CAP:
-            return 400, {"error": f"too many token ids (max {LAST_TRADES_CAP})"}
+        too_many = self._too_many(len(tokens), LAST_TRADES_CAP)
+        if too_many:
+            return too_many
         out = []
         for t in tokens:
             last = self._last(t)

@@ -1,7 +1,8 @@
 """Faults: what an operator (a test) asked polysim to break, and for how long.
 
 A fault is {surface, kind, probability, count, duration, params}. `surface` is
-gamma | clob | data | ws | all. It is active until its duration ends or its
+gamma | clob | data | ws | all; the `path` parameter narrows an HTTP fault to the
+requests whose path starts with it (e.g. "/gamma/markets/keyset"). It is active until its duration ends or its
 count is used up (whichever first; neither given = until cleared). Each time a
 surface serves something it asks `pick()` whether a fault of the kinds it can
 apply fires; draws come from a seeded RNG of their own, so faults never perturb
@@ -100,9 +101,12 @@ class Faults:
         if not 0.0 <= probability <= 1.0:
             raise FaultError("probability must be within [0, 1]")
         for key, value in spec.items():
-            if key not in ("retry_after", "status", "delay", "seconds", "every", "bytes", "clean"):
+            if key not in ("retry_after", "status", "delay", "seconds", "every", "bytes", "clean", "path"):
                 raise FaultError(f"unknown fault parameter {key!r}")
-            if key != "clean" and not isinstance(value, (int, float)):
+            if key == "path":
+                if not isinstance(value, str) or not value.startswith("/"):
+                    raise FaultError("fault parameter 'path' must be a path starting with /")
+            elif key != "clean" and not isinstance(value, (int, float)):
                 raise FaultError(f"fault parameter {key!r} must be a number")
         if kind in ("stall", "listener_down") and duration is None:
             duration = float(spec.get("seconds", 5.0))
@@ -124,12 +128,13 @@ class Faults:
                       if (f.until is None or f.until > now) and (f.count is None or f.count > 0)]
         return self.items
 
-    def pick(self, surface: str, kinds: tuple[str, ...]) -> Fault | None:
-        """The first active fault for this surface (or 'all') of one of `kinds` that fires now."""
+    def pick(self, surface: str, kinds: tuple[str, ...], path: str = "") -> Fault | None:
+        """The first active fault for this surface (or 'all') of one of `kinds` that fires now
+        (for a fault with a `path` parameter: only on a request path starting with it)."""
         if not self.items:
             return None
         for f in self.active():
-            if f.kind in kinds and f.surface in (surface, "all"):
+            if f.kind in kinds and f.surface in (surface, "all") and path.startswith(f.params.get("path", "")):
                 if f.probability < 1.0 and self.rng.random() >= f.probability:
                     continue
                 if f.count is not None:

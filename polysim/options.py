@@ -31,6 +31,7 @@ class Options:
     max_frame_ids: int = 2000      # a subscribe frame with more ids closes the connection (real: rs-clob-client-v2 #116)
     max_dump_assets: int = 750     # assets past this many on one connection get no initial `book` (real, 2026)
     clob_page_size: int = 1000     # CLOB /markets rows per page
+    max_batch_ids: int = 500       # ids one CLOB batch request may name; more -> 400 (real: ~500, on bytes)
     gamma_default_limit: int = 20  # Gamma list page size when `limit` is omitted
 
     @property

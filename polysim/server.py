@@ -138,7 +138,7 @@ class Server:
         """Apply the active HTTP faults of the surface named by the first path segment."""
         surface = request.path.split("/", 2)[1] if request.path.count("/") >= 1 else ""
         if surface == "ws" and self.faults.items:
-            f = self.faults.pick("ws", ("refuse", "429", "5xx"))
+            f = self.faults.pick("ws", ("refuse", "429", "5xx"), request.path)
             if f is not None:
                 return self._fault_response(request, f)
         if surface not in SURFACES or not self.faults.items:
@@ -146,14 +146,15 @@ class Server:
             if surface == "gamma":
                 response.headers["Cache-Control"] = "public, max-age=300"  # as Cloudflare sends it
             return response
-        f = self.faults.pick(surface, ("refuse", "429", "5xx", "html403"))
+        path = request.path
+        f = self.faults.pick(surface, ("refuse", "429", "5xx", "html403"), path)
         if f is not None:
             return self._fault_response(request, f)
-        slow = self.faults.pick(surface, ("slow",))
+        slow = self.faults.pick(surface, ("slow",), path)
         if slow is not None:
             await asyncio.sleep(float(slow.params.get("delay", 2.0)))
         response = await handler(request)
-        f = self.faults.pick(surface, ("malformed", "truncated", "cut", "extra_fields"))
+        f = self.faults.pick(surface, ("malformed", "truncated", "cut", "extra_fields"), path)
         if f is None or response.status != 200 or not isinstance(response, web.Response):
             return response
         text = response.text or ""

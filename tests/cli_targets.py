@@ -159,6 +159,7 @@ class Env:
             f"{main}\n[restart]\nbackoff_initial = 0.5\nbackoff_max = 1\n{restart}\n"
             f"{BUILTINS_OFF}{collectors}"
         )
+        os.chmod(self.conf, 0o640)  # it holds a password (docs/operations.md); 0644 makes start/check warn
 
     def env(self) -> dict:
         env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -387,6 +387,7 @@ def test_started_as_the_user_directly(account, open_base, pg_dsn):
         assert not env.pidfile.exists()
         # The account cannot be asked to be someone else.
         env.write(main="user = root\nallow_root = yes")
+        os.chmod(env.conf, 0o644)  # the account must read it (no password in this one)
         code, out = _run_as(account, [*conf, "start"])
         assert code == 1
         assert "configured to run as user 'root' but started as uid" in out

@@ -233,3 +233,103 @@ def test_session_is_made_after_fork(sim):
     assert os.read(r, 1) == b"1" and status == 0
     os.close(r)
     assert c.session() is parent
+
+
+# -- hostile servers: a raw loopback socket answering as the test says ---------------------------
+class RawServer:
+    """One loopback listener; each connection gets respond(conn) after its request head."""
+
+    def __init__(self, respond):
+        import threading
+
+        self.respond = respond
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/clob/book"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    head += data
+                try:
+                    self.respond(conn, self.stop)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(15)
+        self.sock.close()
+
+
+def test_a_body_trickling_forever_is_cut_at_the_deadline():
+    """One byte every 0.2 s never trips a 1 s read timeout; the call's deadline ends it."""
+    def trickle(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n[")
+        while not stop.wait(0.2):
+            conn.sendall(b" ")
+
+    server = RawServer(trickle)
+    try:
+        c = Client(timeout=(1.0, 1.0), retries=0, deadline=2.0, rng=random.Random(3))
+        t0 = time.monotonic()
+        with pytest.raises(HttpError) as info:
+            c.get_json(server.url, {"token_id": "1"})
+        took = time.monotonic() - t0
+    finally:
+        server.close()
+    assert "deadline" in str(info.value), info.value
+    assert 1.5 < took < 6.0, took  # the 2 s deadline, plus one read at most
+
+
+def test_an_answer_over_max_body_is_refused_not_retried_and_not_held_in_memory():
+    def huge(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n[")
+        chunk = b"0," * 32768
+        for _ in range(50_000_000 // len(chunk)):
+            if stop.is_set():
+                return
+            conn.sendall(chunk)
+
+    server = RawServer(huge)
+    try:
+        c = Client(timeout=(1.0, 5.0), retries=3, rng=random.Random(4), max_body=1 << 20)
+        with pytest.raises(HttpError) as info:
+            c.get_json(server.url, {"token_id": "1"})
+    finally:
+        server.close()
+    assert f"over {1 << 20} bytes" in str(info.value) and info.value.attempts == 1
+
+
+def test_a_gzip_bomb_is_refused_by_its_decoded_size():
+    import gzip
+
+    bomb = gzip.compress(b" " * (40 << 20), 9)  # 40 MB of spaces: ~40 kB on the wire
+
+    def answer(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(bomb) + bomb)
+
+    server = RawServer(answer)
+    try:
+        c = Client(timeout=(1.0, 5.0), retries=0, rng=random.Random(5), max_body=4 << 20)
+        with pytest.raises(HttpError) as info:
+            c.get_json(server.url, {"token_id": "1"})
+    finally:
+        server.close()
+    assert len(bomb) < (1 << 20) and "over" in str(info.value)

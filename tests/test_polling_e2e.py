@@ -12,6 +12,7 @@ SIGTERM mid-cycle, corrections of a resolution.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import statistics
@@ -381,6 +382,30 @@ def test_resolution_written_once_and_corrected(tmp_path, pg_dsn, quiet_sim):
             w.shutdown()
 
 
+def test_resolutions_split_a_request_gamma_refuses_for_its_url(tmp_path, pg_dsn, quiet_sim):
+    """A 414 (URL too long: ids go in the query) on the first request: its halves are asked and
+    every closed market still gets its verdict in that cycle."""
+    from workers.markets import MarketsCollector
+    from workers.resolutions import ResolutionsCollector
+
+    migrate(pg_dsn)
+    markets = _collector(MarketsCollector, quiet_sim, pg_dsn, tmp_path, "markets")
+    res = _collector(ResolutionsCollector, quiet_sim, pg_dsn, tmp_path, "resolutions", batch=4)
+    for w in (markets, res):
+        w.init_process()
+    try:
+        markets.step()
+        quiet_sim.faults(surface="gamma", kind="5xx", status=414, count=1, path="/gamma/markets")
+        res.step()
+        cycle = res.last_cycle
+        assert cycle["split"] == 1 and cycle["failed_batches"] == cycle["rejected"] == 0, cycle
+        assert cycle["checked"] == 4 and cycle["written"] == 4 and cycle["unanswered"] == 0, cycle
+        assert cycle["requests"] == 3 and res.counters["last_success"] is not None
+    finally:
+        for w in (markets, res):
+            w.shutdown()
+
+
 def test_database_down_is_counted_not_a_crash(tmp_path, pg_dsn, quiet_sim):
     """No database: a cycle that needs a query fails cleanly (counted); a known followed set keeps being used."""
     import socket
@@ -498,3 +523,141 @@ def test_unsettled_markets_newest_closures_first_and_a_rotation_over_the_rest(pg
         assert everything == {f"m{i}" for i in range(10)} - {"m1"}
     finally:
         db.close()
+
+
+def test_markets_full_scan_falls_back_to_offset_paging_when_keyset_is_gone(tmp_path, pg_dsn, quiet_sim, caplog):
+    """/markets/keyset answering 404 (an exchange without it, or a gateway that lost the
+    route): the full scan switches to offset paging over /markets ordered by id and still
+    stores every market, open and closed, once."""
+    from workers.markets import MarketsCollector
+
+    migrate(pg_dsn)
+    expected = {m["id"] for m in gamma_all(quiet_sim, False) + gamma_all(quiet_sim, True)}
+    quiet_sim.faults(surface="gamma", kind="5xx", status=404, path="/gamma/markets/keyset")
+    markets = _collector(MarketsCollector, quiet_sim, pg_dsn, tmp_path, "markets", page_size=5, full_scan_pages=2)
+    markets.init_process()
+    try:
+        with caplog.at_level("WARNING", logger="workers.markets"):
+            for _ in range(20):
+                markets.step()
+                if markets._scans_done:
+                    break
+        assert markets._scans_done == 1
+        assert any("keyset paging unavailable" in r.getMessage() for r in caplog.records)
+        fault = quiet_sim.get("/_sim/faults")
+        fired = [f["fired"] for f in (fault if isinstance(fault, list) else fault.get("faults", []))]
+        assert fired == [1]  # asked once: the rest of this scan (both phases) stays on offset paging
+        stored = {r[0] for r in query(pg_dsn, "SELECT market_id FROM markets")}
+        assert stored == expected
+        assert query(pg_dsn, "SELECT count(*) FROM markets")[0][0] == len(expected)
+    finally:
+        markets.shutdown()
+
+
+@pytest.fixture
+def strict_sim(polysim):
+    """quiet_sim's exchange, refusing (400) a batch request that names more than 5 ids."""
+    return polysim(markets=12, seed=9, trade_rate=0.0, book_rate=0.0, closed_markets=4, max_batch_ids=5)
+
+
+def _size_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "is too large for the exchange" in r.getMessage()]
+
+
+def test_orderbooks_split_a_batch_the_exchange_refuses_and_keep_the_size_that_worked(tmp_path, pg_dsn, strict_sim,
+                                                                                    caplog):
+    from workers.markets import MarketsCollector
+    from workers.orderbooks import OrderbooksCollector
+
+    migrate(pg_dsn)
+    markets = _collector(MarketsCollector, strict_sim, pg_dsn, tmp_path, "markets")
+    books = _collector(OrderbooksCollector, strict_sim, pg_dsn, tmp_path, "orderbooks", batch=24)
+    for w in (markets, books):
+        w.init_process()
+    try:
+        markets.step()
+        with caplog.at_level(logging.WARNING, logger="workers.polling"):
+            books.step()
+        cycle = books.last_cycle
+        # 24 refused -> 12 refused -> 6 refused -> 3 and 3 answered: the rest of the cycle asks 3 at a time
+        assert cycle["received"] == 24 and cycle["written"] == 24 and cycle["coverage"] == 1.0, cycle
+        assert cycle["split"] == 3 and cycle["rejected"] == 0 and cycle["failed_batches"] == 0, cycle
+        assert cycle["batches"] == 3 + 24 // 3 and cycle["requests"] == cycle["batches"], cycle
+        assert books.counters["errors"] == 0 and books.counters["last_success"] is not None
+        assert query(pg_dsn, "SELECT count(DISTINCT token_id) FROM orderbook_snapshots")[0][0] == 24
+        warnings = _size_warnings(caplog)
+        assert len(warnings) == 1 and "batch = 24 is too large" in warnings[0], warnings
+        assert "batches of 3 ids worked" in warnings[0] and "HTTP 400" in warnings[0], warnings
+    finally:
+        for w in (markets, books):
+            w.shutdown()
+
+
+def test_prices_split_a_batch_the_exchange_refuses(tmp_path, pg_dsn, strict_sim, caplog):
+    from workers.markets import MarketsCollector
+    from workers.prices import PricesCollector
+
+    migrate(pg_dsn)
+    markets = _collector(MarketsCollector, strict_sim, pg_dsn, tmp_path, "markets")
+    prices = _collector(PricesCollector, strict_sim, pg_dsn, tmp_path, "prices", batch=24)
+    for w in (markets, prices):
+        w.init_process()
+    try:
+        markets.step()
+        with caplog.at_level(logging.WARNING, logger="workers.polling"):
+            prices.step()
+        cycle = prices.last_cycle
+        # POST /prices names each token twice (BUY, SELL): 24 -> 12 -> 6 -> 3 refused, then 2 and 1 answered
+        assert cycle["rows"] == 24 and cycle["missing"] == 0 and cycle["malformed"] == 0, cycle
+        assert cycle["split"] == 4 and cycle["rejected"] == 0 and cycle["failed_batches"] == 0, cycle
+        # a refused chunk cost its POST /prices; an answered one its three requests
+        done = cycle["batches"] - cycle["split"]
+        assert cycle["requests"] == cycle["split"] + 3 * done, cycle
+        assert done == 2 + 1 + (24 - 3) // 2, cycle  # the rest of the cycle asks 2 at a time
+        assert prices.counters["errors"] == 0 and prices.counters["last_success"] is not None
+        assert query(pg_dsn, "SELECT count(DISTINCT token_id), count(DISTINCT ts) FROM price_snapshots")[0] == (24, 1)
+        warnings = _size_warnings(caplog)
+        assert len(warnings) == 1 and "batch = 24 is too large" in warnings[0], warnings
+        assert "batches of 2 ids worked" in warnings[0], warnings
+    finally:
+        for w in (markets, prices):
+            w.shutdown()
+
+
+def test_an_exchange_refusing_every_batch_costs_a_bounded_number_of_requests(tmp_path, pg_dsn, quiet_sim, caplog):
+    import math
+
+    from workers.markets import MarketsCollector
+    from workers.orderbooks import OrderbooksCollector
+    from workers.polling import MAX_REJECTED_IDS
+
+    migrate(pg_dsn)
+    markets = _collector(MarketsCollector, quiet_sim, pg_dsn, tmp_path, "markets")
+    books = _collector(OrderbooksCollector, quiet_sim, pg_dsn, tmp_path, "orderbooks", batch=8)
+    for w in (markets, books):
+        w.init_process()
+    try:
+        markets.step()
+        quiet_sim.faults(surface="clob", kind="5xx", status=400, path="/clob/books")  # every POST /books: 400
+        with caplog.at_level(logging.WARNING, logger="workers.polling"):
+            books.step()
+        cycle = books.last_cycle
+        # 3 chunks of 8; splitting stops after MAX_REJECTED_IDS single ids: one path down to them, not ~2n
+        bound = math.ceil(24 / 8) + 2 * (math.ceil(math.log2(8)) + 1)
+        assert cycle["requests"] <= bound < 2 * 24, cycle
+        assert cycle["rejected"] == MAX_REJECTED_IDS and cycle["failed_batches"] >= 3 - 1, cycle
+        assert cycle["received"] == 0 and cycle["written"] == 0 and cycle["batches"] == cycle["requests"], cycle
+        assert books.counters["last_success"] is None  # nothing answered: not a success
+        assert books.counters["errors"] == cycle["rejected"] + cycle["failed_batches"]
+        assert "HTTP 400" in books.counters["last_error"]
+        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refused) == 1 and "does the exchange refuse every batch" in refused[0], refused
+        assert not _size_warnings(caplog)  # no split had both halves answered: the size was never blamed
+        quiet_sim.faults(clear=True)
+        books.step()
+        cycle = books.last_cycle
+        assert cycle["received"] == 24 and cycle["split"] == cycle["rejected"] == cycle["failed_batches"] == 0
+        assert cycle["requests"] == cycle["batches"] == 3 and books.counters["last_success"] is not None
+    finally:
+        for w in (markets, books):
+            w.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -47,6 +48,15 @@ def post(url: str, body):
                                  headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+def post_error(url: str, body):
+    """(status, decoded JSON body) of a POST that must fail."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    return e.value.code, json.loads(e.value.read())
 
 
 def wait_for(pred, timeout: float = 20.0, every: float = 0.05):
@@ -343,3 +353,41 @@ def test_ledger_text_equals_entries():
     assert len(x.ledger) > 500
     fast = json.loads(x.ledger.json_range(0, len(x.ledger), x.markets))
     assert fast == [x.ledger.entry(i, x.markets) for i in range(len(x.ledger))]
+
+
+def test_clob_batch_requests_naming_more_than_max_batch_ids_answer_400(polysim, python):
+    sim = polysim(markets=3, seed=4, trade_rate=0.0, max_batch_ids=4)
+    _, markets = get(sim.gamma_url + "/markets")
+    tokens = [t for m in markets for t in json.loads(m["clobTokenIds"])]
+    assert len(tokens) == 6
+    clob, too_many = sim.clob_url, {"error": "too many token ids (max 4)"}
+
+    def items(n):
+        return [{"token_id": t} for t in tokens[:n]]
+
+    assert sorted(b["asset_id"] for b in post(clob + "/books", items(4))) == sorted(tokens[:4])
+    assert post_error(clob + "/books", items(5)) == (400, too_many)
+    assert len(post(clob + "/last-trades-prices", items(4))) == 4
+    assert post_error(clob + "/last-trades-prices", items(5)) == (400, too_many)
+    for path in ("/midpoints", "/spreads"):
+        assert set(post(clob + path, items(4))) <= set(tokens[:4])
+        assert post_error(clob + path, items(5)) == (400, too_many)
+    # every item counts: POST /prices names a token once per side, so 2 tokens is the most here
+    pairs = [{"token_id": t, "side": s} for t in tokens[:3] for s in ("BUY", "SELL")]
+    assert set(post(clob + "/prices", pairs[:4])) == set(tokens[:2])
+    assert post_error(clob + "/prices", pairs[:5]) == (400, too_many)
+    # the GET forms that take id lists
+    def queries(n):
+        ids = ",".join(tokens[:n])
+        return (f"/prices?token_ids={ids}&sides={','.join(['BUY'] * n)}", f"/midpoints?token_ids={ids}",
+                f"/last-trades-prices?token_ids={ids}")
+
+    for query in queries(4):
+        assert get(clob + query)[0] == 200, query
+    for query in queries(5):
+        code, body = get_error(clob + query)
+        assert (code, json.loads(body)) == (400, too_many), query
+    # a limit below 1 is refused at the command line
+    proc = subprocess.run([python, "-m", "polysim", "--max-batch-ids", "0"], capture_output=True, text=True,
+                          timeout=60, cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.returncode == 2 and "--max-batch-ids" in proc.stderr

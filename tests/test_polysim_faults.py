@@ -57,6 +57,18 @@ def test_http_status_faults_with_count_and_listing(sim):
     assert e.value.code == 400
 
 
+def test_http_fault_narrowed_to_a_path(sim):
+    sim.faults(surface="gamma", kind="5xx", status=404, path="/gamma/markets/keyset")
+    assert raw_get(sim.gamma_url + "/markets/keyset?limit=2")[0] == 404
+    assert raw_get(sim.gamma_url + "/markets?limit=2")[0] == 200, "a path outside the prefix is untouched"
+    assert raw_get(sim.gamma_url + "/markets/keyset?limit=2")[0] == 404, "no count: it stays"
+    assert sim.get("/_sim/faults")["faults"][0]["fired"] == 2
+    for bad in ("markets", 5):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            sim.faults(surface="gamma", kind="5xx", path=bad)
+        assert e.value.code == 400
+
+
 def test_http_body_faults(sim):
     url = sim.gamma_url + "/markets"
     sim.faults(surface="gamma", kind="malformed", count=1)

@@ -302,6 +302,34 @@ def test_kill9_mid_run_then_restart_loses_nothing(polysim, db, tmp_path):
         assert stop(pid) == 0
 
 
+def test_a_listener_behind_the_exchange_vouches_only_for_what_it_read(polysim, db, tmp_path):
+    """Exchange timestamps 10 s behind our clock: to the listener, as if it lagged 10 s
+    behind the feed. Its coverage mark must follow the exchange time of what it read,
+    not the time it read it (a kill -9 would lose what a lagging loop had not read yet);
+    a kill -9 and a restart then lose nothing."""
+    sim = polysim(markets=8, seed=7, trade_rate=60.0, epoch_ms=int(time.time() * 1000) - 10_000)
+    tokens = follow(sim, db)
+    pid = start(sim, db, tmp_path)
+    try:
+        wait_for(lambda: live_trades(db) > 50, 20, what="live trades")
+        wait_for(lambda: query(db, "SELECT count(*) FROM feed_coverage")[0][0] == len(tokens), 10,
+                 what="coverage")
+        newest, covered = query(db, "SELECT (SELECT max(ts) FROM trades),"
+                                    " (SELECT max(covered_until) FROM feed_coverage)")[0]
+        assert covered <= newest + timedelta(seconds=1), (covered, newest)  # receipt time: 10 s ahead
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    time.sleep(1.5)
+    pid = start(sim, db, tmp_path)
+    try:
+        wait_for(lambda: any(g[3] == "restart" and g[4] is not None for g in gap_rows(db)), 20,
+                 what="a recovered restart gap")
+        assert_exactly_once(sim, db, tokens)
+    finally:
+        assert stop(pid) == 0
+
+
 def test_followed_set_changes_while_running(polysim, db, tmp_path):
     sim = polysim(markets=10, seed=9, trade_rate=40.0, multi_fill=0.5)
     first = follow(sim, db, markets=4)

@@ -186,9 +186,61 @@ def test_feed_reports_down_then_live_across_a_drop(polysim):
         down = [e for e in feed.events if e[0] == "down"]
         live = [e for e in feed.events if e[0] == "live"]
         assert sorted(t for e in down for t in e[2]) == sorted(tokens)
-        assert all(e[3] <= before + 1.0 for e in down)  # the gap starts at the last data, not later
+        assert all(e[3].last_wall <= before + 1.0 for e in down)  # the socket's last data, not later
+        # The feed parses nothing: only its owner, noting exchange times, makes a socket vouch.
+        assert all(e[3].vouched() == 0.0 for e in down)
         assert sorted(t for e in live for t in e[2]) == sorted(tokens)
         assert sum(c.reconnects for c in feed.conns) == len(feed.conns)
         assert feed.status()["sockets_connected"] == len(feed.conns)
     finally:
         feed.close()
+
+
+def test_messages_read_just_before_the_server_hangs_up_are_returned():
+    """Three text frames and a close arrive in one segment: the read that meets the close
+    still hands over the three (they were published), and the socket is reported down."""
+    import base64
+    import hashlib
+    import socket
+    import threading
+
+    frames = [json.dumps({"n": i}).encode() for i in range(3)]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:")][0]
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            conn.recv(4096)  # the subscribe frame
+            burst = b"".join(bytes([0x81, len(f)]) + f for f in frames) + bytes([0x88, 0x02, 0x03, 0xE8])
+            conn.sendall(burst)
+            time.sleep(0.5)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    feed = Feed(f"ws://127.0.0.1:{listener.getsockname()[1]}/ws/market", WsOptions(backoff_initial=5.0),
+                assets_per_socket=4, connect_stagger=0.0)
+    try:
+        feed.set_tokens({"1": None})
+        got = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(e[0] == "down" for e in feed.events):
+            feed.tick()
+            for _, texts in feed.poll(0.05):
+                got += texts
+        assert [json.loads(t)["n"] for t in got] == [0, 1, 2]
+        assert [e[0] for e in feed.events] == ["live", "down"]
+    finally:
+        feed.close()
+        server.join(5)
+        listener.close()

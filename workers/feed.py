@@ -10,12 +10,16 @@ arrive through one socket, in order). The Feed, driven by the owner's loop:
     connections one at a time, `connect_stagger` apart (a burst of upgrades draws
     HTTP 429 from the exchange's edge);
   - `poll(timeout)` waits on every open socket (and an optional wake fd) at once and
-    returns the text messages read, with their connection.
+    returns the text messages read, with their connection (also those read just
+    before a socket broke).
 It records what the owner must know about coverage in `events` (drained by the owner):
   ("live", conn, tokens, at)          subscribed on an open socket at wall time `at`:
                                       trades from then on arrive here;
-  ("down", conn, tokens, since, why)  the socket failed; its tokens may have missed
-                                      trades since wall time `since` (its last data).
+  ("down", conn, tokens, rx, why)     the socket failed; its tokens may have missed
+                                      trades since `rx.vouched()` (workers.ws.Rx: the
+                                      newest exchange time the owner read from that
+                                      socket, noted by the owner as it parses, so it
+                                      is read when the event is applied).
 Subscriptions do not survive a reconnect, so each connect re-sends its full set.
 """
 
@@ -141,7 +145,7 @@ class Feed:
         tokens = list(self.subscribed[conn.index])
         self.subscribed[conn.index] = set()
         if tokens:
-            self.events.append(("down", conn, tokens, conn.last_rx_wall, reason))
+            self.events.append(("down", conn, tokens, conn.rx, reason))
         log.warning("ws %d: %s (reconnect in %.1fs)", conn.index, reason, max(0.0, conn.next_attempt - self.clock()))
 
     def _open(self, conn: Connection) -> None:
@@ -205,6 +209,8 @@ class Feed:
             try:
                 texts = conn.read()
             except ConnectionFailed as err:
+                if err.texts:  # read before the socket broke: the owner handles them first
+                    out.append((conn, err.texts))
                 self._failed(conn, str(err))
                 continue
             if texts:

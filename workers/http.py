@@ -6,6 +6,10 @@ Client.get_json(url, params) / post_json(url, body), in order, per attempt:
      API's and the global bucket (polymarket-api.md §6), abortable;
   3. the request on this process's requests.Session, with a (connect, read)
      timeout; TLS verification is requests' default and is never turned off;
+     the body is read one socket read at a time, decoded (gzip), and the attempt
+     fails when it passes `max_body` bytes (not retried: the same answer would
+     come again) or the call's `deadline` (a server trickling a byte every few
+     seconds never trips the read timeout, and must not hold the collector);
   4. the answer: 2xx with a JSON body -> returned; 429 -> wait Retry-After (or the
      body's retry_after_seconds), and hold the endpoint's bucket for as long;
      5xx, 408, a Cloudflare HTML 403, a connection error, a timeout, a cut or
@@ -36,6 +40,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from workers.errors import HttpError, Stopping
 
@@ -72,6 +77,16 @@ PUBLISHED_LIMITS: Mapping[tuple[str, str], int] = {
 _ID_SEGMENT = re.compile(r"^(\d+|0x[0-9a-fA-F]+|[0-9a-fA-F]{32,})$")
 _VERSION_SEGMENT = re.compile(r"^v\d+$")
 LATENCY_SAMPLES = 512
+MAX_BODY = 64 << 20  # decoded bytes one answer may hold (a Gamma page of 500 markets is ~2 MB)
+READ_CHUNK = 65536
+
+
+class _BodyError(Exception):
+    """An answer's body passed max_body bytes (too_large) or the call's deadline."""
+
+    def __init__(self, message: str, too_large: bool):
+        super().__init__(message)
+        self.too_large = too_large
 
 
 class Bucket:
@@ -175,6 +190,7 @@ class Client:
         rng: random.Random | None = None,
         user_agent: str = "collectord/0.1 (+https://github.com/collectord)",
         limits: Mapping[tuple[str, str], int] = PUBLISHED_LIMITS,
+        max_body: int = MAX_BODY,
     ):
         if rate < 0 or retries < 0 or deadline <= 0:
             raise ValueError("rate and retries must be >= 0 and deadline > 0")
@@ -191,6 +207,7 @@ class Client:
         self.rng = rng or random.Random()
         self.user_agent = user_agent
         self.limits = dict(limits)
+        self.max_body = int(max_body)
         self._buckets: dict[tuple[str, str], Bucket] = {}
         self._stats: dict[str, EndpointStats] = {}
         self._session: requests.Session | None = None
@@ -282,7 +299,22 @@ class Client:
         if self._wait(seconds) or self._should_stop():
             raise Stopping("stopping")
 
-    def _retry_after(self, resp: requests.Response) -> float:
+    def _read_body(self, resp: requests.Response, until: float) -> bytes:
+        """The whole decoded body, one socket read at a time, within max_body bytes and `until`."""
+        parts, size = [], 0
+        while True:
+            chunk = resp.raw.read1(READ_CHUNK, decode_content=True)
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > self.max_body:
+                raise _BodyError(f"answer body over {self.max_body} bytes; refused", too_large=True)
+            if self.clock() > until:
+                raise _BodyError(f"answer body still arriving after the {self.deadline:g}s deadline ({size} bytes)",
+                                 too_large=False)
+            parts.append(chunk)
+
+    def _retry_after(self, resp: requests.Response, content: bytes) -> float:
         """Seconds from Retry-After (seconds or HTTP date) or the body's retry_after_seconds."""
         value = resp.headers.get("Retry-After")
         seconds = None
@@ -296,7 +328,7 @@ class Client:
                     seconds = None
         if seconds is None:
             try:
-                seconds = float(json.loads(resp.content).get("retry_after_seconds"))
+                seconds = float(json.loads(content).get("retry_after_seconds"))
             except (ValueError, TypeError, AttributeError):
                 seconds = None
         if seconds is None or not math.isfinite(seconds):
@@ -325,14 +357,23 @@ class Client:
             t0 = self.clock()
             stats.requests += 1
             try:
-                resp = self.session().request(method, url, params=params, json=body, timeout=self.timeout)
-                content = resp.content  # reads the whole body: a cut body fails here
+                resp = self.session().request(method, url, params=params, json=body, timeout=self.timeout,
+                                              stream=True)
+                try:
+                    content = self._read_body(resp, started + self.deadline)  # a cut body fails here
+                finally:
+                    resp.close()
                 status = resp.status_code
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                     requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as err:
                 stats.errors += 1
                 raise HttpError(f"{name}: bad request: {err}", url=url, endpoint=name) from None
-            except requests.exceptions.RequestException as err:
+            except _BodyError as err:
+                if err.too_large:
+                    stats.errors += 1
+                    raise HttpError(f"{name}: {err}", url=url, endpoint=name, attempts=attempt + 1) from None
+                problem = str(err)
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
                 problem = f"{type(err).__name__}"
             else:
                 if 200 <= status < 300:
@@ -346,11 +387,11 @@ class Client:
                         problem = f"HTTP {status} with a body that is not JSON ({len(content)} bytes)"
                 elif status == 429:
                     stats.throttled += 1
-                    delay = self._retry_after(resp)
+                    delay = self._retry_after(resp, content)
                     for b in buckets:
                         b.hold(self.clock() + delay)
                     problem = f"HTTP 429 (retry after {delay:.3g}s)"
-                elif status >= 500 or status == 408 or (status == 403 and _is_html(resp)):
+                elif status >= 500 or status == 408 or (status == 403 and _is_html(resp, content)):
                     problem = f"HTTP {status}"
                 else:
                     stats.errors += 1
@@ -371,8 +412,8 @@ class Client:
             self._pause(delay, stats)
 
 
-def _is_html(resp: requests.Response) -> bool:
-    return "html" in resp.headers.get("Content-Type", "").lower() or resp.content[:200].lstrip().lower().startswith(
+def _is_html(resp: requests.Response, content: bytes) -> bool:
+    return "html" in resp.headers.get("Content-Type", "").lower() or content[:200].lstrip().lower().startswith(
         (b"<!doctype", b"<html"))
 
 

@@ -70,7 +70,7 @@ class Parsed:
     """
 
     __slots__ = ("trades", "books", "ticks", "markets", "events", "skipped", "unknown_fields", "pong", "text",
-                 "errors")
+                 "errors", "newest_ms")
 
     def __init__(self) -> None:
         self.trades: list[dict] = []
@@ -83,6 +83,7 @@ class Parsed:
         self.pong = False
         self.text: str | None = None  # a plain-text frame other than PONG
         self.errors: list[str] = []  # first few reasons, for rate-limited logging
+        self.newest_ms = 0  # the newest exchange timestamp of a valid event (0: none)
 
     def count(self, counter: dict, key: str) -> None:
         counter[key] = counter.get(key, 0) + 1
@@ -332,6 +333,9 @@ def _one(msg: Any, out: Parsed) -> None:
             out.errors.append(f"{kind}: {err}"[:200])
         return
     out.count(out.events, kind)
+    ms = int(msg["timestamp"])  # every event type's parser validated it
+    if ms > out.newest_ms:
+        out.newest_ms = ms
     if not known.issuperset(msg):
         for key in msg:
             if key not in known:

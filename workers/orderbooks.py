@@ -18,8 +18,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from workers import payload as p
-from workers.errors import HttpError, PayloadError
-from workers.polling import PollingWorker, chunks, utcnow
+from workers.errors import PayloadError
+from workers.polling import PollingWorker, answered_batches, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +159,15 @@ def levels_digest(row: dict) -> str:
 class OrderbooksCollector(PollingWorker):
     """Every interval, a full book snapshot per followed token via POST /books.
 
-    Per chunk of `batch` tokens one request; the answer is matched by asset_id
-    (the exchange drops unknown ids and new markets 404 for a few minutes), so
-    tokens absent from it are counted as missing, not failed. With
-    skip_unchanged, a book whose levels equal the last one written for that
-    token is not written again until unchanged_every seconds passed; each
-    cycle's coverage (asked, received, written, unchanged, missing, malformed,
-    failed batches) is in the status counters.
+    Per chunk of `batch` tokens one request (PollingWorker.batches(): a chunk the
+    exchange refuses whole is split, a single token it refuses is skipped for the
+    cycle); the answer is matched by asset_id (the exchange drops unknown ids and
+    new markets 404 for a few minutes), so tokens absent from it are counted as
+    missing, not failed. With skip_unchanged, a book whose levels equal the last
+    one written for that token is not written again until unchanged_every
+    seconds passed; each cycle's coverage (asked, received, written, unchanged,
+    missing, malformed, batches, failed batches, split, rejected) is in the
+    status counters.
     """
 
     OPTIONS = {
@@ -184,45 +186,50 @@ class OrderbooksCollector(PollingWorker):
     def clob(self) -> str:
         return self.urls.get("clob_url", "https://clob.polymarket.com").rstrip("/")
 
+    def ask(self, chunk: list[str]) -> Any:
+        """POST /books for one chunk of token ids; raises HttpError."""
+        return self.client.post_json(f"{self.clob}/books", [{"token_id": t} for t in chunk])
+
     def cycle(self, figures: dict) -> None:
+        """The followed tokens' books, chunk by chunk: parsed, matched to the chunk, changed ones written."""
         ids = [t.token_id for t in self.followed()]
-        received = written = unchanged = missing = malformed = failed = 0
-        groups = chunks(ids, self.options["batch"])
-        for chunk in groups:
-            self.checkpoint()
-            try:
-                data = self.client.post_json(f"{self.clob}/books", [{"token_id": t} for t in chunk])
-            except HttpError as err:
-                failed += 1
-                self.failure(str(err))
-                continue
-            parsed = parse(data, received_at=utcnow())
-            if parsed.skipped:
-                malformed += parsed.skipped
-                self.skipped("books", parsed)
-            wanted = set(chunk)
-            rows = [r for r in parsed.table(TABLE) if r["token_id"] in wanted]
-            got = {r["token_id"] for r in rows}
-            received += len(got)
-            missing += len(wanted - got)
-            now = time.monotonic()
-            keep = []
-            for row in rows:
-                digest = levels_digest(row)
-                last = self._last.get(row["token_id"])
-                if (self.options["skip_unchanged"] and last is not None and last[0] == digest
-                        and now - last[1] < self.options["unchanged_every"]):
-                    unchanged += 1
-                    continue
-                self._last[row["token_id"]] = (digest, now)
-                keep.append(row)
-            self.writer.add(TABLE, keep)
-            written += len(keep)
+        counts = dict.fromkeys(("received", "written", "unchanged", "missing", "malformed"), 0)
+        for chunk, data in self.batches(ids, self.options["batch"], self.ask, figures):
+            self._take(chunk, data, counts)
         if len(self._last) > 2 * len(ids) + 1000:  # forget tokens no longer followed
             followed = set(ids)
             self._last = {k: v for k, v in self._last.items() if k in followed}
-        figures.update(tokens=len(ids), received=received, written=written, unchanged=unchanged, missing=missing,
-                       malformed=malformed, failed_batches=failed, batches=len(groups),
-                       coverage=round(received / len(ids), 4) if ids else None)
-        if failed < len(groups) or not groups:
+        figures.update(tokens=len(ids), **counts, coverage=round(counts["received"] / len(ids), 4) if ids else None)
+        if answered_batches(figures) or not ids:
             self.success()
+
+    def _take(self, chunk: list[str], data: Any, counts: dict) -> None:
+        """One chunk's answer: parsed (malformed books counted), matched by asset_id, changed books written."""
+        parsed = parse(data, received_at=utcnow())
+        if parsed.skipped:
+            counts["malformed"] += parsed.skipped
+            self.skipped("books", parsed)
+        wanted = set(chunk)
+        rows = [r for r in parsed.table(TABLE) if r["token_id"] in wanted]
+        got = {r["token_id"] for r in rows}
+        counts["received"] += len(got)
+        counts["missing"] += len(wanted - got)
+        keep = self._changed(rows)
+        counts["unchanged"] += len(rows) - len(keep)
+        counts["written"] += len(keep)
+        self.writer.add(TABLE, keep)
+
+    def _changed(self, rows: list[dict]) -> list[dict]:
+        """The rows to write: all, or with skip_unchanged not those equal to the last book written for
+        their token less than unchanged_every seconds ago."""
+        now = time.monotonic()
+        keep = []
+        for row in rows:
+            digest = levels_digest(row)
+            last = self._last.get(row["token_id"])
+            if (self.options["skip_unchanged"] and last is not None and last[0] == digest
+                    and now - last[1] < self.options["unchanged_every"]):
+                continue
+            self._last[row["token_id"]] = (digest, now)
+            keep.append(row)
+        return keep

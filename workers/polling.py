@@ -9,6 +9,9 @@ Lifecycle on top of workers.base.Worker:
     Stopping when SIGTERM arrived, so a long cycle ends within one request.
   step ends with writer.flush(): a cycle's rows are in PostgreSQL (or the
     spool) before the wait for the next interval begins.
+  batches() (for the collectors of the CLOB batch endpoints): asks a list of ids
+    in chunks of `batch` and splits a chunk the exchange refuses whole (too big,
+    or one id it will not take) instead of losing every token in it each cycle.
   shutdown (child): writer.close() flushes to PostgreSQL or the spool.
 status() adds the writer's counters, HTTP totals and per-endpoint latency, the
 last cycle's figures and the malformed-item count; rows_written is what the
@@ -20,13 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import psycopg2
 
 from workers.base import OptionError, Worker
-from workers.errors import Stopping
+from workers.errors import HttpError, Stopping
 from workers.http import Client
 from workers.payload import Parsed, ProblemLog
 from workers.storage import Database, Writer
@@ -34,6 +38,14 @@ from workers.storage.writer import RowsLostError
 from workers.storage.followed import FollowedToken, followed_tokens
 
 log = logging.getLogger(__name__)
+
+# Statuses with which an exchange refuses a batch request as a whole for its size or for one id in it
+# (400 too many or a bad id, 413 body too large, 414 URI too long, 431 headers too large): batches()
+# splits such a chunk. 404, 429, 5xx and the rest keep their meaning: the chunk is a failed batch.
+SPLIT_STATUSES = frozenset({400, 413, 414, 431})
+# Single ids refused in one cycle after which batches() splits no more in that cycle (see _Plan).
+MAX_REJECTED_IDS = 3
+REJECTED_LOG_EVERY = 60.0  # seconds between two log lines naming rejected ids
 
 
 def utcnow() -> datetime:
@@ -45,6 +57,72 @@ def utcnow() -> datetime:
 def chunks(items: list, size: int) -> list[list]:
     size = max(1, int(size))
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def answered_batches(figures: dict) -> int:
+    """Chunks the exchange answered in a cycle that used batches(): asked minus split, rejected and failed."""
+    return figures["batches"] - figures["split"] - figures["rejected"] - figures["failed_batches"]
+
+
+class _Plan:
+    """One cycle's chunks for PollingWorker.batches(): what is left to ask, the size in force, what was refused.
+
+    A chunk refused whole is split in halves, asked next (first half first), down to single ids. Once both
+    halves of one split were answered, the size was the problem, not an id: the size in force drops to the
+    larger half's for the rest of the cycle, and longer chunks still queued are cut to it before they are
+    asked. (An id the exchange will not take never lets both halves of its chunk through, so it does not
+    lower the size: it costs about 2 * log2(batch) requests and is then skipped.)
+
+    The bound: after MAX_REJECTED_IDS single ids were refused in a cycle, nothing more is split; every
+    refused chunk is a failed batch, as without splitting. An exchange that refuses everything (an API
+    change) therefore costs a cycle of n ids in chunks of B at most ceil(n / B) + 2 * (ceil(log2 B) + 1)
+    requests (every split adds two), instead of ~2n.
+    """
+
+    def __init__(self, ids: list, size: int):
+        self.size = self.limit = max(1, int(size))
+        self.pending: deque[tuple[list, int | None]] = deque((c, None) for c in chunks(ids, self.size))
+        self.halves: dict[int, list[int]] = {}  # split number -> [halves not answered yet, larger half's size]
+        self.splits = 0
+        self.rejected: list[str] = []
+        self.status: int | None = None  # the status that caused the last split
+
+    def next(self) -> tuple[list, int | None] | None:
+        """The next chunk and the split it came from (None: all asked); a chunk over the size in force is cut."""
+        while self.pending:
+            chunk, split = self.pending.popleft()
+            if len(chunk) <= self.limit:
+                return chunk, split
+            self.pending.extendleft((c, None) for c in reversed(chunks(chunk, self.limit)))
+        return None
+
+    def answered(self, split: int | None) -> None:
+        """A chunk was answered; when it completes both halves of a split, lower the size in force to theirs."""
+        left = self.halves.get(split)
+        if left is None:
+            return
+        left[0] -= 1
+        if left[0] == 0:
+            del self.halves[split]
+            self.limit = min(self.limit, left[1])
+
+    def refused(self, chunk: list, status: int | None) -> str:
+        """A chunk refused whole: the figure it counts in ("split", "rejected" or "failed_batches").
+
+        Not a SPLIT_STATUSES status, or MAX_REJECTED_IDS ids already rejected: failed. One id: rejected
+        (skipped this cycle). Otherwise its halves are queued first.
+        """
+        if status not in SPLIT_STATUSES or len(self.rejected) >= MAX_REJECTED_IDS:
+            return "failed_batches"
+        if len(chunk) == 1:
+            self.rejected.append(chunk[0])
+            return "rejected"
+        self.splits += 1
+        self.status = status
+        half = (len(chunk) + 1) // 2
+        self.halves[self.splits] = [2, half]
+        self.pending.extendleft([(chunk[half:], self.splits), (chunk[:half], self.splits)])
+        return "split"
 
 
 class PollingWorker(Worker):
@@ -78,6 +156,7 @@ class PollingWorker(Worker):
         self.cycles = 0
         self._followed: list[FollowedToken] | None = None
         self._db_warned = float("-inf")
+        self._rejected_warned = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------
     def init_process(self) -> None:
@@ -168,6 +247,48 @@ class PollingWorker(Worker):
         self.beat()
         if self.stopping:
             raise Stopping("stopping")
+
+    def batches(self, ids: list, size: int, fetch: Callable[[list], Any],
+                figures: dict) -> Iterator[tuple[list, Any]]:
+        """Yield (chunk, fetch(chunk)) over ids in chunks of `size`; a chunk refused whole is split (see _Plan).
+
+        Per chunk, in order: checkpoint(); fetch(chunk), which raises HttpError when the exchange
+        does not answer; an answer is yielded; a refusal is counted in figures (split: its halves
+        are asked next; rejected: a single id skipped this cycle; failed_batches: given up, as any
+        error other than 400/413/414/431) and failed and rejected ones go to failure(). At the end
+        the refusals are logged (see _log_refusals). figures gets batches (chunks asked, halves
+        included), failed_batches, split and rejected; answered_batches(figures) is what came back.
+        """
+        plan = _Plan(ids, size)
+        figures.update(batches=0, failed_batches=0, split=0, rejected=0)
+        while (item := plan.next()) is not None:
+            chunk, split = item
+            self.checkpoint()
+            figures["batches"] += 1
+            try:
+                answer = fetch(chunk)
+            except HttpError as err:
+                outcome = plan.refused(chunk, err.status)
+                figures[outcome] += 1
+                if outcome != "split":
+                    self.failure(str(err))
+                continue
+            plan.answered(split)
+            yield chunk, answer
+        self._log_refusals(plan)
+
+    def _log_refusals(self, plan: _Plan) -> None:
+        """A WARNING when the batch size was lowered (each cycle it happens); the rejected ids at most once a minute."""
+        if plan.limit < plan.size:
+            log.warning("%s: batch = %d is too large for the exchange (HTTP %s); batches of %d ids worked: "
+                        "lower `batch` to %d or less", self.name, plan.size, plan.status, plan.limit, plan.limit)
+        now = time.monotonic()
+        if plan.rejected and now - self._rejected_warned >= REJECTED_LOG_EVERY:
+            self._rejected_warned = now
+            stopped = (f"; after {MAX_REJECTED_IDS} no chunk is split for the rest of a cycle (does the exchange "
+                       "refuse every batch?)") if len(plan.rejected) >= MAX_REJECTED_IDS else ""
+            log.warning("%s: the exchange refused %d id(s) on their own, skipped this cycle: %s%s", self.name,
+                        len(plan.rejected), ", ".join(plan.rejected), stopped)
 
     def skipped(self, what: str, parsed: Parsed) -> None:
         """Count and (rate-limited) log what a parser skipped."""

@@ -19,8 +19,8 @@ from decimal import Decimal
 from typing import Any, Iterable
 
 from workers import payload as p
-from workers.errors import HttpError, PayloadError
-from workers.polling import PollingWorker, chunks, utcnow
+from workers.errors import PayloadError
+from workers.polling import PollingWorker, answered_batches, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,12 @@ class PricesCollector(PollingWorker):
 
     Per chunk of `batch` tokens: POST /prices (BUY and SELL per token), POST
     /midpoints, POST /last-trades-prices -- three requests per chunk, so 10,000
-    tokens take 120 requests at batch = 250. A chunk whose request fails after
-    the client's retries yields no rows (a snapshot is never assembled from a
-    partial set of answers) and is counted in failed_batches. All rows of one
-    cycle share its start time as `ts`.
+    tokens take 120 requests at batch = 250. A chunk refused whole by any of the
+    three is split (PollingWorker.batches(); a single token still refused is
+    skipped for the cycle and counted in rejected). A chunk whose request fails
+    otherwise yields no rows (a snapshot is never assembled from a partial set
+    of answers) and is counted in failed_batches. All rows of one cycle share
+    its start time as `ts`.
     """
 
     OPTIONS = {**PollingWorker.OPTIONS, "interval": (float, 10.0), "batch": (int, 250)}
@@ -126,41 +128,45 @@ class PricesCollector(PollingWorker):
     def clob(self) -> str:
         return self.urls.get("clob_url", "https://clob.polymarket.com").rstrip("/")
 
+    def ask(self, chunk: list[str]) -> tuple[Any, Any, Any]:
+        """POST /prices, /midpoints, /last-trades-prices for one chunk, a checkpoint between; raises HttpError."""
+        quotes = self.client.post_json(f"{self.clob}/prices",
+                                       [{"token_id": t, "side": s} for t in chunk for s in ("BUY", "SELL")])
+        self.checkpoint()
+        mids = self.client.post_json(f"{self.clob}/midpoints", [{"token_id": t} for t in chunk])
+        self.checkpoint()
+        last = self.client.post_json(f"{self.clob}/last-trades-prices", [{"token_id": t} for t in chunk])
+        return quotes, mids, last
+
     def cycle(self, figures: dict) -> None:
+        """The followed tokens' snapshots, chunk by chunk, all stamped with the cycle's start time."""
         followed = {t.token_id: t for t in self.followed()}
         ids = list(followed)
         ts = utcnow()
-        written = failed = malformed = crossed = missing = 0
-        groups = chunks(ids, self.options["batch"])
-        for chunk in groups:
-            self.checkpoint()
-            try:
-                quotes = self.client.post_json(f"{self.clob}/prices",
-                                               [{"token_id": t, "side": s} for t in chunk for s in ("BUY", "SELL")])
-                self.checkpoint()
-                mids = self.client.post_json(f"{self.clob}/midpoints", [{"token_id": t} for t in chunk])
-                self.checkpoint()
-                last = self.client.post_json(f"{self.clob}/last-trades-prices", [{"token_id": t} for t in chunk])
-            except HttpError as err:
-                failed += 1
-                self.failure(str(err))
-                continue
-            parsed = parse(quotes, mids, last, tokens=chunk, ts=ts, received_at=utcnow())
-            if parsed.skipped:
-                malformed += parsed.skipped
-                self.skipped("prices", parsed)
-            rows = parsed.table(TABLE)
+        counts = dict.fromkeys(("rows", "missing", "malformed", "crossed"), 0)
+        for chunk, answers in self.batches(ids, self.options["batch"], self.ask, figures):
+            rows = self._take(chunk, answers, ts, counts)
             for row in rows:
                 row["condition_id"] = followed[row["token_id"]].condition_id
-                if row["best_bid"] is not None and row["best_ask"] is not None and row["best_bid"] > row["best_ask"]:
-                    crossed += 1  # would mean BUY/SELL are the other way round on this deploy
             self.writer.add(TABLE, rows)
-            written += len(rows)
-            missing += len(chunk) - len(rows) - parsed.skipped
-        figures.update(tokens=len(ids), rows=written, missing=missing,
-                       malformed=malformed, failed_batches=failed, batches=len(groups))
+        crossed = counts.pop("crossed")
+        figures.update(tokens=len(ids), **counts)
         if crossed:
             figures["crossed"] = crossed
             log.warning("%s: %d snapshot(s) with best bid above best ask", self.name, crossed)
-        if failed < len(groups) or not groups:
+        if answered_batches(figures) or not ids:
             self.success()
+
+    def _take(self, chunk: list[str], answers: tuple[Any, Any, Any], ts: datetime, counts: dict) -> list[dict]:
+        """One chunk's three answers -> its rows; malformed, missing and crossed snapshots counted."""
+        parsed = parse(*answers, tokens=chunk, ts=ts, received_at=utcnow())
+        if parsed.skipped:
+            counts["malformed"] += parsed.skipped
+            self.skipped("prices", parsed)
+        rows = parsed.table(TABLE)
+        # crossed would mean BUY/SELL are the other way round on this deploy
+        counts["crossed"] += sum(1 for r in rows if r["best_bid"] is not None and r["best_ask"] is not None
+                                 and r["best_bid"] > r["best_ask"])
+        counts["rows"] += len(rows)
+        counts["missing"] += len(chunk) - len(rows) - parsed.skipped
+        return rows

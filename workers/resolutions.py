@@ -39,9 +39,9 @@ from decimal import Decimal
 from typing import Any
 
 from workers import payload as p
-from workers.errors import HttpError, PayloadError
+from workers.errors import PayloadError
 from workers.markets import market_objects, outcome_tokens
-from workers.polling import PollingWorker, chunks, utcnow
+from workers.polling import PollingWorker, answered_batches, utcnow
 from workers.storage.followed import resolution_rows, unsettled_markets
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class ResolutionsCollector(PollingWorker):
          seen within a cycle, however long the backlog), half walking the whole
          set by market_id across cycles;
       2. per `batch` ids: GET /markets?id=..&id=..&closed=true (a closed market
-         is only returned with closed=true), classify() each;
+         is only returned with closed=true), classify() each; a chunk refused
+         whole (e.g. 414, a URL too long) is split (PollingWorker.batches);
       3. a final verdict is written when the market has no row or its row says
          something else (a correction, logged); "disputed" on a market with a
          final row, seen downgrade_after polls in a row (Gamma caches up to
@@ -232,6 +233,11 @@ class ResolutionsCollector(PollingWorker):
     def gamma(self) -> str:
         return self.urls.get("gamma_url", "https://gamma-api.polymarket.com").rstrip("/")
 
+    def ask(self, chunk: list[str]) -> Any:
+        """GET /markets?id=...&closed=true for one chunk of market ids; raises HttpError."""
+        params = [("id", m) for m in chunk] + [("closed", "true"), ("limit", str(len(chunk)))]
+        return self.client.get_json(f"{self.gamma}/markets", params)
+
     def cycle(self, figures: dict) -> None:
         now = utcnow()
         limit = max(2, self.options["max_markets"])
@@ -241,17 +247,8 @@ class ResolutionsCollector(PollingWorker):
         self._cursor = rotation[-1] if len(rotation) == limit - limit // 2 else ""
         ids = list(dict.fromkeys(recent + rotation))
         states: Counter = Counter()
-        written = corrected = failed = malformed = unanswered = 0
-        groups = chunks(ids, self.options["batch"])
-        for chunk in groups:
-            self.checkpoint()
-            params = [("id", m) for m in chunk] + [("closed", "true"), ("limit", str(len(chunk)))]
-            try:
-                data = self.client.get_json(f"{self.gamma}/markets", params)
-            except HttpError as err:
-                failed += 1
-                self.failure(str(err))
-                continue
+        written = corrected = malformed = unanswered = 0
+        for chunk, data in self.batches(ids, self.options["batch"], self.ask, figures):
             parsed, verdicts = parse(data, seen_at=utcnow())
             asked = set(chunk)
             verdicts = [v for v in verdicts if v.market_id in asked]  # only what was asked about
@@ -279,6 +276,6 @@ class ResolutionsCollector(PollingWorker):
             self.writer.add(TABLE, rows)
             written += len(rows)
         figures.update(checked=len(ids), written=written, corrected=corrected, malformed=malformed,
-                       unanswered=unanswered, failed_batches=failed, states=dict(states))
-        if failed < len(groups) or not groups:
+                       unanswered=unanswered, states=dict(states))
+        if answered_batches(figures) or not ids:
             self.success()

@@ -44,9 +44,14 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
 2. Coverage. A token is covered while it is subscribed on a healthy socket. Every
    moment outside that is a gap: before its first subscribe (from its coverage mark
    in `feed_coverage`, else its newest stored trade, else `followed_tokens.since`),
-   a dropped socket, a stall or a withheld PONG (from the socket's last data), a
-   process restart or kill -9 (the coverage mark only advances after a Writer flush
-   made the earlier rows durable), and a token newly followed while running.
+   a dropped socket, a stall or a withheld PONG, a process restart or kill -9, and
+   a token newly followed while running. A gap opened by a socket or a restart
+   starts where the socket's vouching ends: at the newest *exchange* timestamp read
+   from it, capped by its last data (workers.ws.Rx.vouched), never at the time we
+   read it; a loop lagging behind the exchange has messages published before its
+   last read still unread, and a drop or kill -9 loses them. The coverage mark is
+   the same time, and only advances after a Writer flush made the earlier rows
+   durable. Messages read just before a socket broke are handled, not dropped.
    A gap row is written when it opens (ended_at NULL) and again when it closes and
    when it is recovered (feed_gaps merges on (token_id, started_at)). Gaps a dead
    process left unrecovered are picked up by the next process for those tokens.
@@ -308,6 +313,8 @@ class TradesCollector(Worker):
             if out.pong:
                 conn.got_pong()
                 continue
+            if out.newest_ms:
+                conn.rx.note(out.newest_ms)
             for row in out.trades:
                 self.ordinals.assign(row)
                 row["received_at"] = received_at
@@ -390,8 +397,8 @@ class TradesCollector(Worker):
                 _, conn, tokens, at = event
                 self._went_live(tokens, _dt(at))
             elif event[0] == "down":
-                _, conn, tokens, since, reason = event
-                self._went_down(tokens, _dt(since), reason)
+                _, conn, tokens, rx, reason = event
+                self._went_down(tokens, _dt(rx.vouched()), reason)
 
     def _went_live(self, tokens: list[str], at: datetime) -> None:
         for token in tokens:
@@ -451,18 +458,24 @@ class TradesCollector(Worker):
 
         mark = _now()
         self.writer.flush()
-        # A socket vouches for its tokens only up to its last data: a stall that is
-        # not yet detected must not be covered (a kill -9 now would lose its gap row).
+        # A socket vouches for its tokens only up to the newest exchange time read from
+        # it, capped by its last data (workers.ws.Rx.vouched): a stall not yet detected,
+        # or a backlog not yet read (a lagging loop), must not be covered, because a
+        # kill -9 now would lose them.
         by_conn: dict[int, list[str]] = {}
         for token, at in self.live_at.items():
             if at <= mark and token in self.tokens and token in self.feed.where:
                 by_conn.setdefault(self.feed.where[token], []).append(token)
         try:
             for index, tokens in by_conn.items():
-                until = min(mark, _dt(self.feed.conns[index].last_rx_wall))
+                vouched = self.feed.conns[index].rx.vouched()
+                if not vouched:
+                    continue  # nothing timestamped read from this socket yet: it vouches for nothing
+                until = min(mark, _dt(vouched))
                 store.set_coverage(self.db, tokens, until, self.shard_label)
                 for token in tokens:
-                    self.covered[token] = until
+                    if until > self.covered.get(token, until - timedelta(1)):
+                        self.covered[token] = until
             if self.market_pending:
                 pending, self.market_pending = self.market_pending, []
                 try:

@@ -105,7 +105,42 @@ class WsOptions:
 
 
 class ConnectionFailed(Exception):
-    """The connection broke (reason in str())."""
+    """The connection broke (reason in str()); `texts` are the messages read before it did."""
+
+    def __init__(self, reason: str, texts: list[str] | None = None):
+        super().__init__(reason)
+        self.texts = texts or []
+
+
+class Rx:
+    """What one socket (one connect()) delivered, for its owner's gap bookkeeping.
+
+    `last_wall` is the wall time of its last byte-carrying frame; `newest_ms` the
+    newest exchange timestamp its owner read from it (note()).
+    """
+
+    __slots__ = ("last_wall", "newest_ms")
+
+    def __init__(self, wall: float):
+        self.last_wall = wall
+        self.newest_ms = 0
+
+    def note(self, ms: int) -> None:
+        if ms > self.newest_ms:
+            self.newest_ms = ms
+
+    def vouched(self) -> float:
+        """The wall time up to which this socket delivered what the exchange published:
+        the newest exchange time read, capped by the last data; 0.0 before anything
+        timestamped was read.
+
+        Receipt time alone over-promises when the reader lags: messages still in the
+        kernel buffer or the exchange's send queue carry earlier timestamps, and a drop
+        or a kill -9 now loses them. Whatever is not read yet was published after the
+        newest message read, except for the exchange's reordering (~100 ms), which the
+        backfill margin covers.
+        """
+        return min(self.last_wall, self.newest_ms / 1000.0) if self.newest_ms else 0.0
 
 
 class Connection:
@@ -125,7 +160,7 @@ class Connection:
         self.next_attempt = 0.0  # monotonic time of the next connect attempt
         self.opened_at = 0.0
         self.last_rx = 0.0  # monotonic time of the last byte-carrying frame (any kind)
-        self.last_rx_wall = 0.0  # the same on the wall clock (gap starts are wall times)
+        self.rx = Rx(0.0)  # this socket's last data (wall) and newest exchange time read
         self.next_ping = 0.0
         self.pong_due: float | None = None
         self.reconnects = 0
@@ -151,7 +186,7 @@ class Connection:
         self.ws = ws
         self.state = OPEN  # CLOSED -> OPEN
         self.opened_at = self.last_rx = now
-        self.last_rx_wall = self.wall()
+        self.rx = Rx(self.wall())
         self.next_ping = now + self.options.ping_interval
         self.pong_due = None
 
@@ -203,7 +238,8 @@ class Connection:
         """Every complete text message available now (at least one frame is read).
 
         Protocol pings are answered by the library; protocol pongs and our PONG text
-        count as traffic. Raises ConnectionFailed on close, EOF, timeout or a bad frame.
+        count as traffic. Raises ConnectionFailed on close, EOF, timeout or a bad frame,
+        carrying the messages read before it (they were published: they count).
         """
         ws = self.ws
         if ws is None:
@@ -224,17 +260,17 @@ class Connection:
         except ConnectionFailed as err:
             self._note_rx(out)
             self.fail(str(err))
-            raise
+            raise ConnectionFailed(str(err), out) from None
         except (websocket.WebSocketException, OSError, ValueError) as err:
             self._note_rx(out)
             self.fail(f"read: {type(err).__name__}: {err}")
-            raise ConnectionFailed(self.last_error) from None
+            raise ConnectionFailed(self.last_error, out) from None
         self._note_rx(out)
         return out
 
     def _note_rx(self, out: list[str]) -> None:
         self.last_rx = self.clock()
-        self.last_rx_wall = self.wall()
+        self.rx.last_wall = self.wall()
         self.messages += len(out)
 
     def got_pong(self) -> None:

@@ -1,10 +1,11 @@
-"""Hostile environment: PID file tricks, spool directories of the wrong owner or mode,
-DSN passwords, TLS verification.
+"""Hostile environment: PID file and log file tricks, spool directories of the wrong owner
+or mode, DSN passwords, TLS verification.
 
 PID file (through the real CLI, `collectord -c CONF start`): a symlinked PID file
 path, a directory owned by another user, writable by every user, or a PID file
 pre-created by another user in a sticky /tmp-like directory: start refuses with
 one line (exit 1), the symlink's target is untouched, nothing keeps running.
+A symlinked log file is refused the same way, and never followed after a rotation.
 Spool (workers.storage.Writer, non-root where permissions matter: a forked child
 that drops to `nobody`): refused or reported, never rows dropped without a word.
 DSN password: a supervisor run with a password in its DSN URI, a DB outage and a
@@ -116,6 +117,40 @@ def test_pidfile_precreated_by_another_user_in_a_sticky_directory_is_refused(tmp
     line = refused(conf(tmp_path, pg_dsn, pidfile))
     assert "PID file" in line, line
     assert pidfile.read_text() == "1\n"
+
+
+# -- log file ---------------------------------------------------------------------------------------
+def test_logfile_symlink_is_refused_at_start_and_after_a_rotation(tmp_path, pg_dsn):
+    """A symlink at the log path (planted by whoever can write the log directory) is never
+    followed: start refuses with one line; a running daemon whose rotated log is replaced
+    by a symlink writes nothing through it, on the next line or on SIGHUP's reopen."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious contents\n")
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    (logdir / "collectord.log").symlink_to(victim)
+    config = conf(tmp_path, pg_dsn, tmp_path / "run" / "collectord.pid")
+    line = refused(config, victim, b"precious contents\n")
+    assert "symlink" in line and "collectord.log" in line, line
+
+    (logdir / "collectord.log").unlink()
+    try:
+        started = cli(config, "start")
+        assert started.returncode == 0, started.stderr
+        log = logdir / "collectord.log"
+        assert wait_for(lambda: log.exists() and b"starting" in log.read_bytes(), 30)
+        log.rename(logdir / "collectord.log.1")  # logrotate's rename, then the attacker's symlink
+        log.symlink_to(victim)
+        pid = int((tmp_path / "run" / "collectord.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)  # reload: reopen the log, log the outcome
+        time.sleep(2)
+        # A log line that cannot be written is lost, never an exception out of the log call.
+        assert cli(config, "status").returncode == 0, "the supervisor died of its log file"
+    finally:
+        stopped = cli(config, "stop", "--timeout", "10")
+    assert stopped.returncode == 0, stopped.stderr
+    assert victim.read_bytes() == b"precious contents\n", "the daemon wrote through the symlink"
+    assert log.is_symlink()
 
 
 # -- spool directory ------------------------------------------------------------------------------
@@ -307,6 +342,23 @@ def test_dsn_password_not_echoed_by_a_dsn_syntax_error(tmp_path):
     assert SECRET not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
+def test_config_holding_a_password_readable_by_every_user_is_flagged(tmp_path, pg_server_dsn):
+    """A DSN password in a world-readable config file is every local user's: check and start
+    say so in one line (without the password); mode 0640 silences it."""
+    config = conf(tmp_path, f"{pg_server_dsn} password={SECRET}", tmp_path / "run" / "collectord.pid")
+    os.chmod(config, 0o644)
+    proc = cli(config, "check")
+    warned = [line for line in proc.stdout.splitlines() if "readable by every user" in line]
+    assert len(warned) == 1 and str(config) in warned[0], proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr
+    os.chmod(config, 0o640)
+    proc = cli(config, "check")
+    assert "readable by every user" not in proc.stdout + proc.stderr, proc.stdout
+    os.chmod(config, 0o644)
+    plain = conf(tmp_path, pg_server_dsn, tmp_path / "run" / "collectord.pid")  # no password: nothing to say
+    assert "readable by every user" not in cli(plain, "check").stdout
+
+
 # -- TLS verification -----------------------------------------------------------------------------
 def test_no_code_disables_tls_verification():
     pattern = re.compile(r"verify\s*=\s*False|CERT_NONE|cert_reqs|check_hostname\s*=\s*False|"
@@ -378,3 +430,16 @@ def test_websocket_refuses_a_self_signed_server(tls_server):
     assert "CERTIFICATE_VERIFY_FAILED" in (conn.last_error or "") or "certificate" in (conn.last_error or ""), \
         conn.last_error
     assert served == []
+
+
+def test_status_json_is_never_written_through_a_planted_symlink(tmp_path):
+    from collectord.status import read_status, write
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious contents\n")
+    path = tmp_path / "status.json"
+    (tmp_path / f".status.json.{os.getpid()}.tmp").symlink_to(victim)  # the tmp name is predictable
+    write(str(path), {"version": 1, "children": []})
+    assert read_status(str(path)) == {"version": 1, "children": []}
+    assert victim.read_bytes() == b"precious contents\n"
+    assert not path.is_symlink()
