@@ -328,7 +328,9 @@ def main(argv: list[str]) -> int:
                         "rss_mb_from": round(longest[0][1] / 1024, 1) if longest else None,
                         "rss_mb_to": round(longest[-1][1] / 1024, 1) if longest else None,
                         "rss_mb_max_any_pid": round(max(r for _, _, r in rows) / 1024, 1),
-                        "slope_kb_per_min": round(slope_per_minute(longest), 1) if len(longest) >= 2 else None}
+                        "slope_kb_per_min": round(slope_per_minute(longest), 1) if len(longest) >= 2 else None,
+                        # the measured pid's RSS (MB) at the first sample of each minute of the run
+                        "by_minute": {int(t // 60): round(r / 1024, 1) for t, r in reversed(by_pid.get(pid, []))}}
     print(f"faults: {journal.counts()}")
     print(accounting.table(figures, f"soak {args.minutes:g} min at {args.rate:g} trades/s"))
     print(f"memory (RSS each {args.sample:g} s; least-squares slope after {warmup:g} min warm-up, over the "
@@ -342,6 +344,10 @@ def main(argv: list[str]) -> int:
         print(f"  {label:<14} {m['pids']:>5} {m['pid_minutes']:>7}min {m['slope_samples']:>7} "
               f"{m['rss_mb_from'] if m['rss_mb_from'] is not None else '-':>8} "
               f"{m['rss_mb_to'] if m['rss_mb_to'] is not None else '-':>6} {slope:>9} {m['rss_mb_max_any_pid']:>14}")
+    print("measured pid's RSS (MB) by minute of the run:")
+    for name, m in memory.items():
+        series = sorted(m["by_minute"].items())
+        print(f"  {name:<12} " + " ".join(f"{minute}:{mb:g}" for minute, mb in series))
     missing_keys = figures.pop("missing_keys", [])
     if missing_keys:
         explained = explain_missing(sim, direct, missing_keys, system.log_text())
