@@ -196,22 +196,28 @@ def test_feed_reports_down_then_live_across_a_drop(polysim):
         feed.close()
 
 
-def test_messages_read_just_before_the_server_hangs_up_are_returned():
-    """Three text frames and a close arrive in one segment: the read that meets the close
-    still hands over the three (they were published), and the socket is reported down."""
-    import base64
-    import hashlib
-    import socket
-    import threading
+class RawWsServer:
+    """A loopback WebSocket server by hand: the handshake, then after the client's first
+    frame (its subscribe) it sends `burst` as raw bytes and keeps the socket open 0.5 s."""
 
-    frames = [json.dumps({"n": i}).encode() for i in range(3)]
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(10)
+    def __init__(self, burst: bytes):
+        import socket
+        import threading
 
-    def serve():
-        conn, _ = listener.accept()
+        self.burst = burst
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(10)
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws/market"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import base64
+        import hashlib
+
+        conn, _ = self.listener.accept()
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -222,25 +228,57 @@ def test_messages_read_just_before_the_server_hangs_up_are_returned():
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
             conn.recv(4096)  # the subscribe frame
-            burst = b"".join(bytes([0x81, len(f)]) + f for f in frames) + bytes([0x88, 0x02, 0x03, 0xE8])
-            conn.sendall(burst)
+            conn.sendall(self.burst)
             time.sleep(0.5)
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    feed = Feed(f"ws://127.0.0.1:{listener.getsockname()[1]}/ws/market", WsOptions(backoff_initial=5.0),
-                assets_per_socket=4, connect_stagger=0.0)
+    def close(self):
+        self.thread.join(5)
+        self.listener.close()
+
+
+def run_until_down(feed: Feed, seconds: float = 10.0) -> list[str]:
+    """tick/poll until a "down" event; returns the texts read."""
+    got = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not any(e[0] == "down" for e in feed.events):
+        feed.tick()
+        for _, texts in feed.poll(0.05):
+            got += texts
+    return got
+
+
+def test_messages_read_just_before_the_server_hangs_up_are_returned():
+    """Three text frames and a close arrive in one segment: the read that meets the close
+    still hands over the three (they were published), and the socket is reported down."""
+    frames = [json.dumps({"n": i}).encode() for i in range(3)]
+    server = RawWsServer(b"".join(bytes([0x81, len(f)]) + f for f in frames) + bytes([0x88, 0x02, 0x03, 0xE8]))
+    feed = Feed(server.url, WsOptions(backoff_initial=5.0), assets_per_socket=4, connect_stagger=0.0)
     try:
         feed.set_tokens({"1": None})
-        got = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(e[0] == "down" for e in feed.events):
-            feed.tick()
-            for _, texts in feed.poll(0.05):
-                got += texts
+        got = run_until_down(feed)
         assert [json.loads(t)["n"] for t in got] == [0, 1, 2]
         assert [e[0] for e in feed.events] == ["live", "down"]
     finally:
         feed.close()
-        server.join(5)
-        listener.close()
+        server.close()
+
+
+def test_a_frame_longer_than_max_message_is_refused_by_its_header():
+    """A length header of 1 TiB (corrupt or hostile): the connection fails at once on the
+    header, without reading or allocating the payload."""
+    import resource
+
+    server = RawWsServer(bytes([0x81, 127]) + (1 << 40).to_bytes(8, "big") + b"x" * 1000)
+    feed = Feed(server.url, WsOptions(backoff_initial=5.0, max_message=1 << 20), assets_per_socket=4,
+                connect_stagger=0.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        feed.set_tokens({"1": None})
+        started = time.monotonic()
+        assert run_until_down(feed) == []
+        assert time.monotonic() - started < 5.0
+        assert "over max_message" in (feed.conns[0].last_error or ""), feed.conns[0].last_error
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # kB: nothing near 1 TiB
+    finally:
+        feed.close()
+        server.close()

@@ -22,9 +22,10 @@ Why our own read buffer: the library asks the socket for exactly the bytes it ne
 (two syscalls per frame at least); reading up to 256 KiB at a time and serving frames
 from memory cuts that to one syscall per many frames. Buffered bytes are invisible to
 select(), so read() drains the buffer completely before it returns.
-websocket-client has no maximum message size of its own, so the initial dump (the
-largest frame, one `book` per asset) is never refused; `max_message` only guards
-memory against a corrupt length header.
+websocket-client has no maximum message size of its own: `max_message` (256 MiB, far
+above the initial dump, the largest real frame with one `book` per asset) is checked
+against each frame's length header before its payload is read, so a corrupt or
+hostile length fails the connection instead of filling memory.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Callable
 
 import websocket
 from websocket import ABNF, WebSocket
+from websocket._abnf import frame_buffer
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,29 @@ class Backoff:
         self.attempt = 0
 
 
+class LimitedFrames(frame_buffer):
+    """websocket-client's frame reader, refusing a payload over `limit` bytes before reading it."""
+
+    limit = 256 * 1024 * 1024
+
+    def recv_strict(self, bufsize: int) -> bytes:
+        if bufsize > self.limit:
+            raise websocket.WebSocketPayloadException(f"frame of {bufsize} bytes over max_message ({self.limit})")
+        return super().recv_strict(bufsize)
+
+
 class BufferedWebSocket(WebSocket):
-    """WebSocket whose frame reader is served from a 256 KiB read buffer."""
+    """WebSocket whose frame reader is served from a 256 KiB read buffer and refuses
+    frames over a limit (set_max_frame) before reading them."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._rbuf = b""
         self._rpos = 0
+        self.frame_buffer = LimitedFrames(self._recv, self.frame_buffer.skip_utf8_validation)
+
+    def set_max_frame(self, limit: int) -> None:
+        self.frame_buffer.limit = limit
 
     def buffered(self) -> bool:
         """True when bytes are waiting in memory (ours or TLS's), invisible to select()."""
@@ -180,6 +198,7 @@ class Connection:
                 skip_utf8_validation=True, enable_multithread=False,
             )
             ws.settimeout(self.options.read_timeout)
+            ws.set_max_frame(self.options.max_message)
         except Exception as err:  # refused, reset, 429 on the upgrade, timeout...
             self._closed(f"connect: {type(err).__name__}: {err}", now)
             raise ConnectionFailed(self.last_error) from None
