@@ -178,14 +178,14 @@ ORDER = ["ledger_trades", "followed_tokens", "published_followed", "present", "m
 def table(figures: dict, title: str = "accounting") -> str:
     """The figures as an aligned two-column text table (known keys first, then the rest)."""
     keys = [k for k in ORDER if k in figures] + sorted(
-        k for k in figures if k not in ORDER and not k.endswith(("_examples", "_rows")))
+        k for k in figures if k not in ORDER and not k.endswith(("_examples", "_rows", "_keys")))
     width = max(len(k) for k in keys)
     rule = "-" * (width + 16)
     lines = [rule, f"{title}", rule]
     for k in keys:
         v = figures[k]
         lines.append(f"{k:<{width}}  {v:>12}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}")
-    for k in ("missing_examples", "duplicated_examples", "duplicated_rows", "missing_keys"):
+    for k in ("missing_examples", "duplicated_examples", "duplicated_rows"):
         if figures.get(k):
             lines.append(f"{k}: {figures[k]}")
     lines.append(rule)
