@@ -83,9 +83,9 @@ import logging
 import os
 import time
 import zlib
-from hashlib import blake2b
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from hashlib import blake2b
 from typing import Any
 
 from workers.backfill import BackfillQueue, Gap
@@ -473,8 +473,8 @@ class TradesCollector(Worker):
                     continue  # nothing timestamped read from this socket yet: it vouches for nothing
                 until = min(mark, _dt(vouched))
                 store.set_coverage(self.db, tokens, until, self.shard_label)
-                for token in tokens:
-                    if until > self.covered.get(token, until - timedelta(1)):
+                for token in tokens:  # forward only, as in feed_coverage
+                    if token not in self.covered or until > self.covered[token]:
                         self.covered[token] = until
             if self.market_pending:
                 pending, self.market_pending = self.market_pending, []
