@@ -47,7 +47,7 @@ if ROOT not in sys.path:
 
 import psycopg2  # noqa: E402
 
-from bench import _polysim  # noqa: E402
+from bench import _polysim, _stages  # noqa: E402
 
 from workers.messages import canon_decimal  # noqa: E402
 from workers.storage import migrate  # noqa: E402
@@ -70,22 +70,28 @@ def with_schema(dsn: str, schema: str) -> str:
     return f"{dsn} options='-csearch_path={schema}'"
 
 
-def follow(port: int, dsn: str) -> list[str]:
-    tokens, cursor = [], None
+def open_tokens(port: int) -> list[tuple[dict, str, str]]:
+    """(market, token id, outcome) of every open market polysim lists."""
+    out, cursor = [], None
+    while True:
+        page = get(port, "/gamma/markets/keyset?closed=false&limit=100" + (f"&after_cursor={cursor}" if cursor else ""))
+        for m in page["markets"]:
+            for token, outcome in zip(json.loads(m["clobTokenIds"]), json.loads(m["outcomes"])):
+                out.append((m, token, outcome))
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def follow(dsn: str, listed: list[tuple[dict, str, str]]) -> list[str]:
+    """Insert them into followed_tokens (since now); returns the token ids."""
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-        while True:
-            page = get(port, "/gamma/markets/keyset?closed=false&limit=100" + (f"&after_cursor={cursor}" if cursor else ""))
-            for m in page["markets"]:
-                for token, outcome in zip(json.loads(m["clobTokenIds"]), json.loads(m["outcomes"])):
-                    cur.execute("INSERT INTO followed_tokens (token_id, market_id, condition_id, outcome, since)"
-                                " VALUES (%s, %s, %s, %s, now()) ON CONFLICT DO NOTHING",
-                                (token, m["id"], m["conditionId"], outcome))
-                    tokens.append(token)
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
+        for m, token, outcome in listed:
+            cur.execute("INSERT INTO followed_tokens (token_id, market_id, condition_id, outcome, since)"
+                        " VALUES (%s, %s, %s, %s, now()) ON CONFLICT DO NOTHING",
+                        (token, m["id"], m["conditionId"], outcome))
     conn.close()
-    return tokens
+    return [token for _, token, _ in listed]
 
 
 def fork_collector(port: int, dsn: str, data_dir: str, options: dict) -> int:
@@ -133,10 +139,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sample", type=int, default=8, help="sample 1 in N tokens for delays")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a [collector:trades] option for the listener (repeatable), e.g. flush_age=0.25")
+    ap.add_argument("--stage-trades", type=int, default=100_000,
+                    help="trades recorded for the stage-by-stage CPU table (0: skip it)")
     ap.add_argument("--quick", action="store_true", help="small and short (CI)")
     args = ap.parse_args(argv)
     if args.quick:
         args.trade_rate, args.markets, args.seconds, args.warmup = 500.0, 10, 2.0, 1.0
+        args.stage_trades = min(args.stage_trades, 1000)
 
     schema = "bench_ingest_" + uuid.uuid4().hex[:8]
     admin = psycopg2.connect(args.dsn)
@@ -148,7 +157,11 @@ def main(argv: list[str]) -> int:
     data_dir = f"/tmp/{schema}"
     try:
         migrate(dsn)
-        tokens = follow(port, dsn)
+        listed = open_tokens(port)
+        frames = []
+        if args.stage_trades:  # recorded before the follow: the collector's start gap stays short
+            frames = _stages.record(f"ws://127.0.0.1:{port}/ws/market", [t for _, t, _ in listed], args.stage_trades)
+        tokens = follow(dsn, listed)
         sample = sorted(tokens)[:: max(1, args.sample)]
         options = dict(o.split("=", 1) for o in args.option)
         pid = fork_collector(port, dsn, data_dir, options)
@@ -201,6 +214,7 @@ def main(argv: list[str]) -> int:
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
         pid = None
+        stages = _stages.measure(frames, dsn) if frames else None
     finally:
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
@@ -240,8 +254,14 @@ def main(argv: list[str]) -> int:
         "collector_exit": status, "collector_cpu_s": round(cpu_end - cpu_start, 2),
         "cpu_us_per_trade": round((cpu_end - cpu_start) * 1e6 / max(1, n_end - n_start), 1),
         "trades_per_cpu_s": round((n_end - n_start) / max(1e-9, cpu_end - cpu_start)),
-        "loadavg_1m": round(load, 2), "cpus": os.cpu_count(),
+        "loadavg_1m": round(load, 2), "cpus": os.cpu_count(), "stages": stages,
     }
+    if stages:
+        print(_stages.table(stages))
+        result["committed_vs_raw_copy"] = round(committed / stages["copy_unindexed_rows_per_s"], 3)
+        result["committed_vs_indexed_copy"] = round(committed / stages["copy_indexed_rows_per_s"], 3)
+        print(f"committed/s is {result['committed_vs_raw_copy']:.2f}x the raw unindexed COPY,"
+              f" {result['committed_vs_indexed_copy']:.2f}x COPY with the same indexes")
     print(f"polysim {args.trade_rate:,.0f} fills/s requested over {len(tokens)} tokens; window {window:.1f} s")
     print(f"{'published/s':>12} {'committed/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'samples':>8}"
           f" {'cpu us/trade':>12} {'trades/cpu-s':>12} {'load':>5}")

@@ -9,7 +9,7 @@ from decimal import Decimal
 from hypothesis import given, settings, strategies as st
 
 from tests.conftest import DATA
-from workers.messages import canon_decimal, ms_time, parse
+from workers.messages import canon_decimal, ms_time, parse, row_dict
 
 
 def lines(name: str) -> list[str]:
@@ -20,7 +20,7 @@ def test_last_trade_price_row_exact():
     # Line 5: the netqo capture of 2026-08-14.
     out = parse(lines("ws_market_messages.jsonl")[4])
     assert out.skipped == {} and out.unknown_fields == {}
-    assert out.trades == [{
+    assert [row_dict(r) for r in out.trades] == [{
         "token_id": "72710166409980712002774407052535905861151156175854323762835102340552522606004",
         "condition_id": "0x12dc2b61723b2a54fc1947a307389b5f32038e7a29a0e936ad1fe410b969d06a",
         "ts": datetime(2026, 8, 14, 17, 27, 47, 101000, tzinfo=timezone.utc),
@@ -31,7 +31,7 @@ def test_last_trade_price_row_exact():
         "fee_rate_bps": "0",
         "source": "ws",
     }]
-    assert int(out.trades[0]["ts"].timestamp() * 1000) == 1786728467101
+    assert int(row_dict(out.trades[0])["ts"].timestamp() * 1000) == 1786728467101
 
 
 def test_every_recorded_current_message_parses_to_the_right_rows():
@@ -41,7 +41,7 @@ def test_every_recorded_current_message_parses_to_the_right_rows():
         out = parse(text)
         assert not out.skipped, (text[:80], out.skipped, out.errors)
         assert not out.unknown_fields
-        trades += out.trades
+        trades += [row_dict(r) for r in out.trades]
         kinds += [k for k, n in out.events.items() for _ in range(n)]
     assert kinds.count("book") == 2 and kinds.count("price_change") == 1
     assert kinds.count("best_bid_ask") == 1 and kinds.count("tick_size_change") == 1
@@ -76,9 +76,9 @@ def test_book_and_tick_size_change():
 def test_legacy_2024_shapes():
     book, trade = lines("ws_market_messages_2024.jsonl")
     assert parse(book).events == {"book": 1} and parse(book).books[0]["tick_size"] is None
-    out = parse(trade)
-    assert out.trades[0]["tx_hash"] is None and out.trades[0]["price"] == "0.491"
-    assert out.trades[0]["ts"] == ms_time(1724564136087)
+    row = row_dict(parse(trade).trades[0])
+    assert row["tx_hash"] is None and row["price"] == "0.491"
+    assert row["ts"] == ms_time(1724564136087)
     legacy = {"event_type": "price_change", "asset_id": "123", "market": "0xab", "hash": "h",
               "timestamp": "1724564136087", "changes": [{"price": "0.5", "side": "BUY", "size": "10"}]}
     assert parse(json.dumps(legacy)).events == {"price_change_legacy": 1}
@@ -156,7 +156,9 @@ def test_canonical_decimals():
 def test_arbitrary_json_never_raises(value):
     out = parse(json.dumps(value))
     for row in out.trades:  # anything accepted is a complete row
+        row = row_dict(row)
         assert set(row) >= {"token_id", "condition_id", "ts", "price", "size", "side", "tx_hash"}
+        assert all(type(row[k]) is str for k in ("token_id", "condition_id", "price", "size", "side"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -167,3 +169,46 @@ def test_mutated_real_trades_are_whole_or_skipped(data):
     msg[key] = data.draw(st.none() | st.integers() | st.text(max_size=12) | st.floats())
     out = parse(json.dumps(msg))
     assert len(out.trades) + sum(out.skipped.values()) == 1
+
+
+def test_rows_are_in_the_trades_tables_column_order():
+    from workers.messages import TRADE_COLUMNS
+    from workers.storage.tables import TABLES
+
+    assert TRADE_COLUMNS == TABLES["trades"].column_names
+
+
+def test_fast_and_general_paths_build_identical_rows():
+    """A frame of known events takes the typed fast path; one unknown field anywhere sends
+    the whole frame through the general validator. Both give the same rows and counts."""
+    raw = [json.loads(t) for t in lines("ws_market_messages.jsonl")]
+    fast = parse(json.dumps(raw))
+    general = parse(json.dumps(raw + [{"event_type": "mystery"}]))
+    assert fast.trades and fast.trades == general.trades
+    assert fast.events == general.events and fast.newest_ms == general.newest_ms
+    assert general.skipped == {"unknown_type:mystery": 1} and not fast.skipped
+
+
+@settings(max_examples=300, deadline=None)
+@given(price=st.sampled_from(["0.5", ".5", "0.50", "0.500", "1", "1.0", "0.05"]),
+       size=st.sampled_from(["10", "10.0", "010", "1.25", "1.250", "0.001"]),
+       tx=st.sampled_from(["0xAB12", "0xab12", "", None]),
+       fee=st.sampled_from(["0", "0.0", "", None, "12"]),
+       ts=st.sampled_from(["1786728467101", "1786728467102", "178672846710", "17867284671011"]),
+       repeat=st.integers(1, 3))
+def test_a_trade_parses_the_same_however_often_its_values_were_seen(price, size, tx, fee, ts, repeat):
+    """The fast path remembers values seen valid: a trade's row must not depend on that
+    memory (first sight, later sights, non-canonical text, upper-case hash, no hash)."""
+    msg = dict(json.loads(lines("ws_market_messages.jsonl")[4]), price=price, size=size, timestamp=ts)
+    for key, value in (("transaction_hash", tx), ("fee_rate_bps", fee)):
+        if value is None:
+            msg.pop(key)
+        else:
+            msg[key] = value
+    rows = [parse(json.dumps([msg] * repeat)).trades for _ in range(3)]
+    assert rows[0] == rows[1] == rows[2] and len(rows[0]) == repeat
+    row = row_dict(rows[0][0])
+    assert row["price"] == canon_decimal(price) and row["size"] == canon_decimal(size)
+    assert row["tx_hash"] == (tx.lower() if tx else None)
+    assert row["fee_rate_bps"] == (canon_decimal(fee) if fee else None)
+    assert row["ts"] == ms_time(ts)

@@ -133,7 +133,7 @@ def trade_tokens(read: list[tuple]) -> dict[str, set[int]]:
     seen: dict[str, set[int]] = {}
     for index, text in read:
         for row in parse(text).trades:
-            seen.setdefault(row["token_id"], set()).add(index)
+            seen.setdefault(row[0], set()).add(index)  # token_id
     return seen
 
 

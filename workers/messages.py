@@ -3,18 +3,35 @@
 `parse(text)` is the only code that knows the market channel's wire format
 (polymarket-api.md §5). In order it:
   1. recognises plain-text frames (`PONG`, `NO NEW ASSETS`, ...) before any JSON parsing;
-  2. json.loads the frame, which holds one object or an array of objects;
-  3. validates each object by its `event_type` and turns it into a normalised event:
-     trades become complete rows for the `trades` table (minus `ordinal`, which needs
-     the collector's memory, and `received_at`, which the caller knows);
+  2. decodes the frame, which holds one object or an array of objects, on one of two paths:
+     - fast: msgspec decodes it straight into typed objects of the known event types
+       (`last_trade_price`, `book`, `price_change`, `best_bid_ask`, `tick_size_change`),
+       refusing unknown fields and types in C. A frame that does not fit (an unknown event
+       type or field, a `new_market`, a non-object, a wrong JSON type) takes
+     - the general path: a plain JSON decode (msgspec, or json.loads for what msgspec
+       refuses but Python's JSON accepts) and one validator per object, which counts
+       unknown fields and types;
+  3. validates each event by its `event_type` and turns it into a normalised event:
+     trades become rows for the `trades` table in its column order (TRADE_COLUMNS),
+     as the text PostgreSQL receives, with `ordinal` and `received_at` left None for
+     the caller (the first needs the collector's memory, the second it knows);
   4. counts and skips what it cannot use: unknown event types, unknown fields,
      invalid events. A bad event never yields a half row and never raises.
 
 Numbers stay exact: prices and sizes are canonical decimal strings ("0.48", never
 ".48" or "0.480"; the same value always has the same text, because the collector
 numbers repeats of identical fills by their text, see workers/trades.py), and
-millisecond timestamps become timezone-aware datetimes without a float round trip.
+millisecond timestamps become timestamp text without a float round trip.
+
+Validate, do not reconstruct: the exchange already sends canonical text, so a trade
+whose fields are canonical as sent is stored with the very strings it arrived in.
+Each field is checked once per distinct value (tokens, condition ids, prices, fees and
+millisecond timestamps repeat; `_Valid` remembers the values that passed, bounded),
+sizes and transaction hashes by a regular expression each. A field that is not
+canonical as sent (".48", an upper-case hash, no hash) sends that one trade through
+the general validator, which canonicalises it; both paths produce identical rows.
 """
+
 
 from __future__ import annotations
 
@@ -24,7 +41,14 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
+
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+# The trades table's columns, in the order of the rows parse() yields (workers/storage/tables.py).
+TRADE_COLUMNS = ("token_id", "condition_id", "ts", "price", "size", "side", "tx_hash", "ordinal", "fee_rate_bps",
+                 "source", "received_at")
+ORDINAL, RECEIVED_AT = 7, 10  # the two places the caller fills in
 
 # Canonical decimal text: no sign, no leading zeros, no trailing fractional zeros.
 _CANON = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?")
@@ -73,7 +97,7 @@ class Parsed:
                  "errors", "newest_ms")
 
     def __init__(self) -> None:
-        self.trades: list[dict] = []
+        self.trades: list[list] = []  # rows in TRADE_COLUMNS order (ordinal, received_at None)
         self.books: list[dict] = []  # {asset_id, market, ts, hash, tick_size|None}
         self.ticks: list[dict] = []  # {asset_id, market, tick_size, ts}
         self.markets: list[dict] = []  # new_market / market_resolved, normalised
@@ -112,8 +136,8 @@ def decimal_text(dec: Decimal) -> str:
     return text if text not in ("", "-0") else "0"
 
 
-def ms_time(value: Any) -> datetime:
-    """Epoch milliseconds (string or int) -> aware UTC datetime, exact to the millisecond."""
+def ms_value(value: Any) -> int:
+    """Epoch milliseconds (string or int) -> int, checked. Raises Invalid."""
     if type(value) is str and value.isascii() and value.isdigit():
         ms = int(value)
     elif type(value) is int:
@@ -122,7 +146,39 @@ def ms_time(value: Any) -> datetime:
         raise Invalid(f"bad ms timestamp: {value!r}")
     if not _MS_MIN <= ms <= _MS_MAX:
         raise Invalid(f"timestamp out of range: {value!r}")
-    return EPOCH + timedelta(milliseconds=ms)
+    return ms
+
+
+def ms_time(value: Any) -> datetime:
+    """Epoch milliseconds (string or int) -> aware UTC datetime, exact to the millisecond."""
+    return EPOCH + timedelta(milliseconds=ms_value(value))
+
+
+def ms_text(value: Any) -> str:
+    """Epoch milliseconds (string or int) -> timestamptz text, exact: '2026-08-14T17:27:47.101+00:00'."""
+    return (EPOCH + timedelta(milliseconds=ms_value(value))).isoformat(timespec="milliseconds")
+
+
+class _Valid(set):
+    """Values of one field that passed validation (a bounded memo: emptied when full)."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, initial=(), limit: int = 200_000):
+        super().__init__(initial)
+        self.limit = limit
+
+    def remember(self, value) -> None:
+        if len(self) >= self.limit:
+            self.clear()
+        self.add(value)
+
+
+_valid_tokens = _Valid()
+_valid_markets = _Valid()
+_valid_prices = _Valid()
+_valid_fees = _Valid((None,))
+_ts_texts: dict[str, str] = {}  # 13-digit ms string -> its timestamptz text
 
 
 def is_hex_id(value: Any) -> bool:
@@ -161,8 +217,11 @@ def _side(value: Any) -> str:
     raise Invalid(f"bad side: {value!r}")
 
 
-def _trade(msg: dict) -> dict:
-    """last_trade_price -> a trades row without ordinal/received_at."""
+def _trade(msg: dict) -> list:
+    """last_trade_price -> a trades row (TRADE_COLUMNS) without ordinal/received_at.
+
+    Values that were canonical as sent are remembered for the fast path (_fast_trades).
+    """
     tx = msg.get("transaction_hash")
     if tx in (None, ""):
         tx = None  # 2024 recordings carry none: the trade then keys on its ms timestamp
@@ -172,78 +231,85 @@ def _trade(msg: dict) -> dict:
     size = canon_decimal(msg.get("size"))
     if size == "0":
         raise Invalid("zero size")
-    return {
-        "token_id": _token(msg.get("asset_id")),
-        "condition_id": _condition(msg.get("market")),
-        "ts": ms_time(msg.get("timestamp")),
-        "price": _price(msg.get("price")),
-        "size": size,
-        "side": _side(msg.get("side")),
-        "tx_hash": tx.lower() if tx else None,
-        "fee_rate_bps": None if fee in (None, "") else canon_decimal(fee),
-        "source": "ws",
-    }
+    raw_ts = msg.get("timestamp")
+    row = [
+        _token(msg.get("asset_id")),
+        _condition(msg.get("market")),
+        ms_text(raw_ts),
+        _price(msg.get("price")),
+        size,
+        _side(msg.get("side")),
+        tx.lower() if tx else None,
+        None,
+        None if fee in (None, "") else canon_decimal(fee),
+        "ws",
+        None,
+    ]
+    # All valid: remember what arrived canonical, so the next trade like it is checked by lookups.
+    _valid_tokens.remember(row[0])
+    _valid_markets.remember(row[1])
+    if row[3] == msg.get("price"):
+        _valid_prices.remember(row[3])
+    if row[8] is not None and row[8] == fee:
+        _valid_fees.remember(fee)
+    if type(raw_ts) is str and len(raw_ts) == 13:
+        if len(_ts_texts) >= 200_000:
+            _ts_texts.clear()
+        _ts_texts[raw_ts] = row[2]
+    return row
 
 
-_LEVEL_PRICE = re.compile(r"(?:0?\.[0-9]+|0|1(?:\.0*)?)")  # a decimal string in [0, 1]
-_LEVEL_SIZE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+def row_dict(row: list) -> dict:
+    """A trades row as {column: value} with `ts` as a datetime (for tests and diagnostics)."""
+    out = dict(zip(TRADE_COLUMNS, row))
+    out["ts"] = datetime.fromisoformat(out["ts"])
+    for key in ("ordinal", "received_at"):
+        if out[key] is None:
+            del out[key]
+    return out
 
 
-def _levels(levels: Any) -> None:
-    """Book levels: a list of {price, size} decimal strings, price within [0, 1].
+def _array(value: Any, what: str) -> None:
+    """Book sides and price changes: the trade listener only checks they are arrays.
 
-    Checked by pattern only (books are not stored by this listener and one refresh
-    can carry hundreds of levels; the orderbooks collector keeps books from REST).
+    It stores neither (the orderbooks collector stores books, from REST, and checks
+    every level there), and on a busy socket they are most of the bytes: the real
+    market channel sends far more price changes than trades, and a book after every
+    trade. Their identity and timestamp are checked like every event's.
     """
-    if not isinstance(levels, list):
-        raise Invalid("levels not a list")
-    price_ok, size_ok = _LEVEL_PRICE.fullmatch, _LEVEL_SIZE.fullmatch
-    for level in levels:
-        if not (type(level) is dict and type(p := level.get("price")) is str and price_ok(p)
-                and type(z := level.get("size")) is str and size_ok(z)):
-            raise Invalid(f"bad level: {str(level)[:60]}")
+    if not (isinstance(value, list) or (type(value) is msgspec.Raw and memoryview(value)[0] == 91)):  # "["
+        raise Invalid(f"{what} not an array")
 
 
 def _book(msg: dict) -> dict:
     # Legacy snapshots call the sides buys/sells.
-    _levels(msg.get("bids", msg.get("buys")))
-    _levels(msg.get("asks", msg.get("sells")))
+    _array(msg.get("bids", msg.get("buys")), "bids")
+    _array(msg.get("asks", msg.get("sells")), "asks")
     tick = msg.get("tick_size")
-    return {
+    book = {
         "asset_id": _token(msg.get("asset_id")),
         "market": _condition(msg.get("market")),
         "ts": ms_time(msg.get("timestamp")),
         "hash": msg.get("hash") if type(msg.get("hash")) is str else None,
         "tick_size": None if tick in (None, "") else _price(tick),
     }
+    _valid_tokens.remember(book["asset_id"])
+    _valid_markets.remember(book["market"])
+    if book["tick_size"] is not None and book["tick_size"] == tick:
+        _valid_prices.remember(tick)
+    return book
 
 
 def _price_change(msg: dict) -> str:
     _condition(msg.get("market"))
     ms_time(msg.get("timestamp"))
     changes = msg.get("price_changes")
-    if changes is None and isinstance(msg.get("changes"), list):
+    if changes is None and msg.get("changes") is not None:
         # Legacy shape (before 2025-09-15): top-level asset_id and changes[].
         _token(msg.get("asset_id"))
-        for change in msg["changes"]:
-            if not isinstance(change, dict):
-                raise Invalid("change not an object")
-            _price(change.get("price"))
-            canon_decimal(change.get("size"))
-            _side(change.get("side"))
+        _array(msg["changes"], "changes")
         return "price_change_legacy"
-    if not isinstance(changes, list):
-        raise Invalid("price_changes missing")
-    for change in changes:
-        if not isinstance(change, dict):
-            raise Invalid("price change not an object")
-        _token(change.get("asset_id"))
-        _price(change.get("price"))
-        canon_decimal(change.get("size"))
-        _side(change.get("side"))
-        for key in ("best_bid", "best_ask"):
-            if change.get(key) not in (None, ""):
-                _price(change[key])
+    _array(changes, "price_changes")
     return "price_change"
 
 
@@ -342,6 +408,100 @@ def _one(msg: Any, out: Parsed) -> None:
                 out.count(out.unknown_fields, f"{kind}.{str(key)[:40]}")
 
 
+# -- the fast path -------------------------------------------------------------------
+class Trade(msgspec.Struct, tag_field="event_type", tag="last_trade_price", forbid_unknown_fields=True):
+    """`last_trade_price` as decoded (types checked, values not yet)."""
+
+    market: str
+    asset_id: str
+    price: str
+    size: str
+    side: str
+    timestamp: str
+    fee_rate_bps: str | None = None
+    transaction_hash: str | None = None
+
+
+def _loose(kind: str, raw: tuple[str, ...] = (), text: tuple[str, ...] = ()) -> type:
+    """A struct for another event type: its known fields, absent = UNSET; those named in
+    raw are kept as undecoded JSON (msgspec.Raw: checked well-formed, never built), those
+    in text must be strings (anything else sends the frame to the general path)."""
+    def kind_of(name: str) -> Any:
+        return msgspec.Raw if name in raw else str if name in text else Any
+
+    fields = [(name, kind_of(name), msgspec.UNSET) for name in sorted(KNOWN_FIELDS[kind] - {"event_type"})]
+    return msgspec.defstruct(f"Loose_{kind}", fields, tag_field="event_type", tag=kind, forbid_unknown_fields=True)
+
+
+# Raw sides: a side's first byte says "array"
+Book = _loose("book", raw=("bids", "asks", "buys", "sells"), text=("asset_id", "market", "timestamp", "tick_size"))
+_Event = (Trade | Book | _loose("price_change", raw=("price_changes", "changes")) | _loose("best_bid_ask")
+          | _loose("tick_size_change"))
+_fast_decode = msgspec.json.Decoder(list[_Event] | _Event).decode
+_any_decode = msgspec.json.Decoder().decode
+_SIZE = re.compile(r"(?:[1-9][0-9]*(?:\.[0-9]*[1-9])?|0\.[0-9]*[1-9])").fullmatch  # canonical, above zero
+_TX = re.compile(r"0x[0-9a-f]{1,128}").fullmatch  # lower case, as stored
+
+
+def _fast(items: list, out: Parsed) -> None:
+    """Typed events -> out: trades by lookups and two regular expressions, the rest as dicts.
+
+    A trade any of whose values is not one already seen valid (or not canonical as
+    sent) goes through the general validator instead (_one), whatever it holds.
+    """
+    trades = out.trades
+    append = trades.append
+    tokens, markets, prices, fees, ts_texts = _valid_tokens, _valid_markets, _valid_prices, _valid_fees, _ts_texts
+    size_ok, tx_ok = _SIZE, _TX
+    newest = ""  # the newest 13-digit timestamp of the events taken here (string order = time order)
+    fast = books = 0
+    UNSET, Raw = msgspec.UNSET, msgspec.Raw
+    for x in items:
+        if x.__class__ is Trade:
+            ts = x.timestamp
+            text = ts_texts.get(ts)
+            if text is None and len(ts) == 13 and ts.isascii() and ts.isdigit():
+                if len(ts_texts) >= 200_000:
+                    ts_texts.clear()
+                text = ts_texts[ts] = ms_text(ts)
+            tx = x.transaction_hash
+            side = x.side
+            if (text is not None and x.asset_id in tokens and x.market in markets and x.price in prices
+                    and x.fee_rate_bps in fees and (side == "BUY" or side == "SELL") and size_ok(x.size)
+                    and tx is not None and tx_ok(tx)):
+                append([x.asset_id, x.market, text, x.price, x.size, side, tx, None, x.fee_rate_bps, "ws", None])
+                if ts > newest:
+                    newest = ts
+                fast += 1
+                continue
+        elif x.__class__ is Book:
+            ts = x.timestamp
+            if (ts is not UNSET and len(ts) == 13 and ts.isascii() and ts.isdigit() and x.asset_id in tokens
+                    and x.market in markets):
+                bids = x.bids if x.bids is not UNSET else x.buys
+                asks = x.asks if x.asks is not UNSET else x.sells
+                tick, hash_ = x.tick_size, x.hash
+                if (bids.__class__ is Raw and asks.__class__ is Raw and memoryview(bids)[0] == 91  # "["
+                        and memoryview(asks)[0] == 91
+                        and (tick is UNSET or tick in prices) and (hash_ is UNSET or hash_.__class__ is str)):
+                    out.books.append({"asset_id": x.asset_id, "market": x.market, "ts": ms_time(ts),
+                                      "hash": None if hash_ is UNSET else hash_,
+                                      "tick_size": None if tick is UNSET else tick})
+                    if ts > newest:
+                        newest = ts
+                    books += 1
+                    continue
+        msg = {name: value for name in x.__struct_fields__ if (value := getattr(x, name)) is not UNSET}
+        msg["event_type"] = x.__struct_config__.tag
+        _one(msg, out)
+    if books:
+        out.events["book"] = out.events.get("book", 0) + books
+    if fast:
+        out.events["last_trade_price"] = out.events.get("last_trade_price", 0) + fast
+    if newest and int(newest) > out.newest_ms:
+        out.newest_ms = int(newest)
+
+
 def parse(text: str | bytes) -> Parsed:
     """One WebSocket text frame -> Parsed. Never raises."""
     out = Parsed()
@@ -357,7 +517,22 @@ def parse(text: str | bytes) -> Parsed:
                 out.text = stripped[:200]
                 out.count(out.skipped, "text")
             return out
-        data = json.loads(text)
+        try:
+            data = _fast_decode(text)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            try:
+                _fast(data if data.__class__ is list else [data], out)
+                return out
+            except Exception:  # never expected; the general path decides, from a clean slate
+                out = Parsed()
+        try:
+            data = _any_decode(text)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            # What msgspec refuses but Python's JSON takes (a lone surrogate escape, NaN,
+            # an out-of-range float): decided the way it always was.
+            data = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         out.count(out.skipped, "not_json")
         out.errors.append(f"not JSON: {err}"[:200])

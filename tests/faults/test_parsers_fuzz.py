@@ -93,7 +93,7 @@ def test_ws_frames_never_raise_never_half_a_trade(pg_dsn, tmp_path):
         out = messages.parse(frame)
         rows = []
         for i, row in enumerate(out.trades):
-            row = dict(row, ordinal=i, received_at=NOW)
+            row = dict(messages.row_dict(row), ordinal=i, received_at=NOW)
             rows.append(row)
         collected.add("trades", rows)
         for book in out.books:
@@ -112,7 +112,7 @@ def test_ws_invalid_bytes_and_huge_frames():
         out = messages.parse(frame)
         assert out.skipped or out.trades or out.events, frame[:40]
         for row in out.trades:
-            check_row("trades", dict(row, ordinal=0, received_at=NOW))
+            check_row("trades", dict(messages.row_dict(row), ordinal=0, received_at=NOW))
 
 
 # -- Gamma: markets/tokens and resolutions -----------------------------------------------------

@@ -283,20 +283,37 @@ class Writer:
                 append(convert(row))
             except (TypeError, ValueError, AttributeError):
                 self._explain(table, row)  # raises naming the column
-        if not converted:
+        return self._buffer(table, converted)
+
+    def add_rows(self, table: str, rows: list[list[str | None]]) -> int:
+        """Buffer rows that are already the text PostgreSQL receives, in the table's column
+        order (a parser that validated every value built them); returns how many.
+
+        The trade listener's path: no conversion per value. Raises ValueError (none of
+        these rows buffered) for a row of the wrong length; the database still checks
+        every value, and a row it refuses is isolated and set aside like any other.
+        """
+        width = len(self._allowed[table])
+        if any(len(row) != width for row in rows):
+            raise ValueError(f"{table}: a row without exactly {width} values")
+        return self._buffer(table, rows)
+
+    def _buffer(self, table: str, rows: list[list[str | None]]) -> int:
+        """Append converted rows to table's buffer; hand a batch over when max_rows is reached."""
+        if not rows:
             return 0
         with self._buf:
             if self._closed:
                 raise RuntimeError(f"{self.name}: writer is closed")
-            self._buffers[table].extend(converted)
+            self._buffers[table].extend(rows)
             if self._count == 0:
                 self._oldest = self.clock()
-            self._count += len(converted)
+            self._count += len(rows)
             full = self._count >= self.max_rows and self._opened
             batch = self._take() if full else None
         if batch:
             self._dispatch(batch, wait=False)
-        return len(converted)
+        return len(rows)
 
     def _explain(self, table: str, row: Mapping[str, Any]) -> None:
         """Raise ValueError naming the first column whose value does not convert."""
