@@ -40,6 +40,7 @@ import traceback
 import urllib.request
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -56,9 +57,10 @@ from workers.trades import TradesCollector  # noqa: E402
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 
 
-def start_polysim(markets: int, rate: float) -> tuple[subprocess.Popen, int]:
+def start_polysim(markets: int, rate: float, books: bool = True) -> tuple[subprocess.Popen, int]:
     return _polysim.start(["--markets", str(markets), "--seed", "1", "--trade-rate", str(rate),
-                           "--closed-markets", "0", "--multi-fill", "0.1"], timeout=30)
+                           "--closed-markets", "0", "--multi-fill", "0.1"]
+                          + ([] if books else ["--no-trade-book-updates"]), timeout=30)
 
 
 def get(port: int, path: str, timeout: float = 120.0):
@@ -114,9 +116,10 @@ def fork_collector(port: int, dsn: str, data_dir: str, options: dict) -> int:
     return pid
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (all its threads), or of one of its threads, in seconds."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -139,6 +142,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sample", type=int, default=8, help="sample 1 in N tokens for delays")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a [collector:trades] option for the listener (repeatable), e.g. flush_age=0.25")
+    ap.add_argument("--mix", choices=("books", "trades"), default="books",
+                    help="books: a book refresh follows trades, as on the exchange (default); trades: trades"
+                         " and the occasional book change only (a bare trade stream)")
     ap.add_argument("--stage-trades", type=int, default=100_000,
                     help="trades recorded for the stage-by-stage CPU table (0: skip it)")
     ap.add_argument("--quick", action="store_true", help="small and short (CI)")
@@ -152,7 +158,7 @@ def main(argv: list[str]) -> int:
     admin.autocommit = True
     admin.cursor().execute(f'CREATE SCHEMA "{schema}"')
     dsn = with_schema(args.dsn, schema)
-    proc, port = start_polysim(args.markets, args.trade_rate)
+    proc, port = start_polysim(args.markets, args.trade_rate, books=args.mix == "books")
     pid = None
     data_dir = f"/tmp/{schema}"
     try:
@@ -191,24 +197,40 @@ def main(argv: list[str]) -> int:
         time.sleep(args.warmup)
         cur.execute("SELECT max(received_at) FROM trades")
         watermark = cur.fetchone()[0]
+        def side_work() -> tuple[int, int]:
+            """(backfilled rows, gaps): work that competes with live ingest when it happens."""
+            cur.execute("SELECT (SELECT count(*) FROM trades WHERE source = 'backfill'), (SELECT count(*) FROM feed_gaps)")
+            return cur.fetchone()
+
+        side_start = side_work()
         t_start, n_start, cpu_start = time.time(), live_count(), cpu_seconds(pid)
+        loop_start = cpu_seconds(pid, pid)  # the main thread: sockets, parsing, rows (the rest: the Writer's)
         seen: dict[tuple, float] = {}
         received_at: dict[tuple, float] = {}
         end = time.monotonic() + args.seconds
         polls = 0
+        # The (token_id, ts) index bounds each poll: rows become visible in the order they
+        # arrived (batches commit in order), so nothing unseen is older than the newest
+        # exchange time seen minus the feed's reordering (~100 ms; 2 s of margin).
+        newest_ts = watermark
         while time.monotonic() < end:
-            cur.execute("SELECT token_id, tx_hash, price, size, side, ordinal, received_at FROM trades"
-                        " WHERE source = 'ws' AND received_at > %s AND token_id = ANY(%s)", (watermark, sample))
+            cur.execute("SELECT token_id, tx_hash, price, size, side, ordinal, received_at, ts FROM trades"
+                        " WHERE token_id = ANY(%s) AND ts > %s AND source = 'ws' AND received_at > %s",
+                        (sample, newest_ts - timedelta(seconds=2), watermark))
             now = time.time()
-            for token, tx, price, size, side, ordinal, received in cur.fetchall():
+            for token, tx, price, size, side, ordinal, received, ts in cur.fetchall():
                 k = (token, tx, canon_decimal(str(price)), canon_decimal(str(size)), side, ordinal)
                 seen.setdefault(k, now)
                 received_at.setdefault(k, received.timestamp())
                 if received > watermark:
                     watermark = received
+                if ts > newest_ts:
+                    newest_ts = ts
             polls += 1
             time.sleep(args.poll)
         t_end, n_end, cpu_end = time.time(), live_count(), cpu_seconds(pid)
+        loop_cpu = cpu_seconds(pid, pid) - loop_start
+        side_end = side_work()
         load = os.getloadavg()[0]
         ledger = get(port, "/_sim/ledger")["trades"]
         os.kill(pid, signal.SIGTERM)
@@ -241,7 +263,7 @@ def main(argv: list[str]) -> int:
     committed = (n_end - n_start) / window
     published = published_in_window / window
     result = {
-        "bench": "ingest", "options": args.option, "trade_rate": args.trade_rate, "markets": args.markets, "tokens": len(tokens),
+        "bench": "ingest", "mix": args.mix, "options": args.option, "trade_rate": args.trade_rate, "markets": args.markets, "tokens": len(tokens),
         "window_s": round(window, 2), "published_per_s": round(published), "committed_per_s": round(committed),
         "kept_up": committed >= 0.95 * published,
         "delay_ms_p50": round(pct(delays, 0.50), 1), "delay_ms_p99": round(pct(delays, 0.99), 1),
@@ -250,9 +272,12 @@ def main(argv: list[str]) -> int:
         "publish_to_receive_ms_p99": round(pct(to_receive, 0.99), 1),
         "receive_to_visible_ms_p50": round(pct(to_commit, 0.5), 1),
         "receive_to_visible_ms_p99": round(pct(to_commit, 0.99), 1),
+        "backfilled_in_window": side_end[0] - side_start[0], "gaps_in_window": side_end[1] - side_start[1],
         "unmatched_samples": len(seen) - len(delays), "monitor_polls": polls, "poll_s": args.poll,
         "collector_exit": status, "collector_cpu_s": round(cpu_end - cpu_start, 2),
-        "cpu_us_per_trade": round((cpu_end - cpu_start) * 1e6 / max(1, n_end - n_start), 1),
+        "cpu_us_per_trade": round((cpu_end - cpu_start) * 1e6 / max(1, n_end - n_start), 2),
+        "loop_cpu_us_per_trade": round(loop_cpu * 1e6 / max(1, n_end - n_start), 2),
+        "writer_cpu_us_per_trade": round((cpu_end - cpu_start - loop_cpu) * 1e6 / max(1, n_end - n_start), 2),
         "trades_per_cpu_s": round((n_end - n_start) / max(1e-9, cpu_end - cpu_start)),
         "loadavg_1m": round(load, 2), "cpus": os.cpu_count(), "stages": stages,
     }
@@ -268,6 +293,9 @@ def main(argv: list[str]) -> int:
     print(f"{published:12,.0f} {committed:12,.0f} {result['delay_ms_p50']:8.1f} {result['delay_ms_p99']:8.1f} "
           f"{result['delay_ms_max'] or float('nan'):8.1f} {len(delays):8d} {result['cpu_us_per_trade']:12.1f}"
           f" {result['trades_per_cpu_s']:12,d} {load:5.2f}")
+    print(f"collector CPU per committed trade: {result['cpu_us_per_trade']} us = loop thread"
+          f" {result['loop_cpu_us_per_trade']} + Writer thread {result['writer_cpu_us_per_trade']}"
+          f" (gaps opened in the window: {result['gaps_in_window']}, rows backfilled: {result['backfilled_in_window']})")
     print(f"publish->receive p50/p99 {result['publish_to_receive_ms_p50']}/{result['publish_to_receive_ms_p99']} ms;"
           f" receive->visible p50/p99 {result['receive_to_visible_ms_p50']}/{result['receive_to_visible_ms_p99']} ms")
     print(json.dumps(result))

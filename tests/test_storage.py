@@ -528,3 +528,33 @@ def test_markets_last_seen_moves_at_most_hourly_when_nothing_changed(writer, db)
                             "last_seen_at": T0 + timedelta(hours=2)}])  # an old payload, seen 2 h later
     writer.flush()
     assert fetch(db, "SELECT question, last_seen_at FROM markets") == [("Q?", T0 + timedelta(hours=2))]
+
+
+def test_parsed_rows_land_exactly_as_dict_rows_would(writer, db):
+    """Writer.add_rows (the trade listener's rows, already text) stores the same as add()
+    with the same values as dicts, meets a live twin once, and refuses a short row whole."""
+    from workers.messages import TRADE_COLUMNS, parse, row_dict
+    from workers.trades import Ordinals
+    from tests.conftest import DATA
+
+    frames = [line for line in (DATA / "ws_market_messages.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for frame in frames for row in parse(frame).trades]
+    Ordinals().number(rows, T0.isoformat())
+    assert writer.add_rows("trades", rows) == len(rows) == 41
+    writer.flush()
+    as_dicts = [dict(row_dict(r), ordinal=int(r[7]), received_at=T0) for r in rows]
+    writer.add("trades", as_dicts)  # the same trades again, the dict way: all conflicts
+    writer.flush()
+    stored = fetch(db, f"SELECT {', '.join(TRADE_COLUMNS)} FROM trades ORDER BY tx_hash, ordinal")
+    assert len(stored) == 41
+    by_key = {(r["tx_hash"], r["ordinal"]): r for r in as_dicts}
+    for values in stored:
+        got = dict(zip(TRADE_COLUMNS, values))
+        want = by_key[(got["tx_hash"], got["ordinal"])]
+        assert got["ts"] == want["ts"] and got["received_at"] == T0
+        assert got["price"] == Decimal(want["price"]) and got["size"] == Decimal(want["size"])
+        assert (got["token_id"], got["condition_id"], got["side"], got["source"]) == (
+            want["token_id"], want["condition_id"], want["side"], "ws")
+    with pytest.raises(ValueError, match="exactly 11 values"):
+        writer.add_rows("trades", [rows[0], rows[1][:10]])
+    assert writer.stats()["buffered"] == 0

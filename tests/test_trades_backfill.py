@@ -303,3 +303,24 @@ def test_a_second_too_full_for_offset_paging_is_split_by_market():
     assert len(trades) == 12_000 and len({t["tx_hash"] for t in trades}) == 12_000
     assert max(c["offset"] for c in api.calls) < MAX_OFFSET
     assert {c["market"] for c in api.calls} >= {COND, other}
+
+
+def test_numbering_rows_matches_numbering_dicts():
+    """Ordinals.number (the listener's rows, in TRADE_COLUMNS order) counts repeats exactly
+    as assign() does for dicts, per fill and across frames, and stamps received_at."""
+    from workers.messages import ORDINAL, RECEIVED_AT
+
+    fills = [("0xa", "0.5", "10"), ("0xa", "0.5", "10"), ("0xa", "0.5", "11"), ("0xb", "0.5", "10"),
+             ("0xa", "0.5", "10")] * 30
+    by_dict, by_row = Ordinals(), Ordinals()
+    dicts = [fill(tx, price, size) for tx, price, size in fills]
+    for d in dicts:
+        by_dict.assign(d)
+    rows = [[TOKEN, COND, "2026-08-14T17:27:47.101+00:00", price, size, "BUY", tx, None, "0", "ws", None]
+            for tx, price, size in fills]
+    for i in range(0, len(rows), 7):  # frames of 7 rows: the memory spans frames
+        by_row.number(rows[i:i + 7], "R")
+    assert [int(r[ORDINAL]) for r in rows] == [d["ordinal"] for d in dicts]
+    assert max(int(r[ORDINAL]) for r in rows) == 89 and all(r[RECEIVED_AT] == "R" for r in rows)
+    no_tx = [[TOKEN, COND, "2024-08-25T05:35:36.087+00:00", "0.491", "5", "SELL", None, None, None, "ws", None]] * 2
+    by_row.number([list(r) for r in no_tx], "R")  # keyed by ts: no crash, counted separately from tx fills

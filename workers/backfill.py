@@ -310,11 +310,14 @@ class BackfillQueue:
     def _finish(self, job: Job, rows: list[dict]) -> Done:
         number_repeats(rows)
         recovered_at = datetime.fromtimestamp(self.wall(), timezone.utc)
+        seconds: dict[str, list[float]] = {}  # token -> its rows' times: one pass, not one per gap
+        for r in rows:
+            seconds.setdefault(r["token_id"], []).append(r["ts"].timestamp())
         gap_rows = []
         for gap in job.gaps:
             lo = math.floor(gap.started_at.timestamp())
             hi = math.ceil(gap.ended_at.timestamp())
-            found = sum(1 for r in rows if r["token_id"] == gap.token_id and lo <= r["ts"].timestamp() <= hi)
+            found = sum(1 for t in seconds.get(gap.token_id, ()) if lo <= t <= hi)
             gap_rows.append(gap.row(self.shard, recovered_at, found))
             self.recovered += 1
         self.trades_found += len(rows)

@@ -98,7 +98,7 @@ class Parsed:
 
     def __init__(self) -> None:
         self.trades: list[list] = []  # rows in TRADE_COLUMNS order (ordinal, received_at None)
-        self.books: list[dict] = []  # {asset_id, market, ts, hash, tick_size|None}
+        self.books: list[dict] = []  # {asset_id, market, ms (epoch ms), hash, tick_size|None}
         self.ticks: list[dict] = []  # {asset_id, market, tick_size, ts}
         self.markets: list[dict] = []  # new_market / market_resolved, normalised
         self.events: dict[str, int] = {}  # valid events by type (incl. price_change, best_bid_ask)
@@ -269,56 +269,60 @@ def row_dict(row: list) -> dict:
     return out
 
 
-def _array(value: Any, what: str) -> None:
-    """Book sides and price changes: the trade listener only checks they are arrays.
+def _present(msg: dict, *names: str) -> None:
+    """Book sides, price changes, best bid/ask: present, not looked into.
 
-    It stores neither (the orderbooks collector stores books, from REST, and checks
-    every level there), and on a busy socket they are most of the bytes: the real
-    market channel sends far more price changes than trades, and a book after every
-    trade. Their identity and timestamp are checked like every event's.
+    The trade listener stores none of them (the orderbooks collector stores books,
+    from REST, and checks every level there), and on a busy socket they are most of
+    the bytes: the real market channel sends far more price changes than trades, and
+    a book after every trade. What it uses of them, their timestamp (how far a socket
+    vouches) and identity, is checked like every event's.
     """
-    if not (isinstance(value, list) or (type(value) is msgspec.Raw and memoryview(value)[0] == 91)):  # "["
-        raise Invalid(f"{what} not an array")
+    if not any(name in msg for name in names):
+        raise Invalid(f"{names[0]} missing")
+
+
+def _remember(token: str | None, market: str) -> None:
+    if token is not None:
+        _valid_tokens.remember(token)
+    _valid_markets.remember(market)
 
 
 def _book(msg: dict) -> dict:
     # Legacy snapshots call the sides buys/sells.
-    _array(msg.get("bids", msg.get("buys")), "bids")
-    _array(msg.get("asks", msg.get("sells")), "asks")
+    _present(msg, "bids", "buys")
+    _present(msg, "asks", "sells")
     tick = msg.get("tick_size")
     book = {
         "asset_id": _token(msg.get("asset_id")),
         "market": _condition(msg.get("market")),
-        "ts": ms_time(msg.get("timestamp")),
+        "ms": ms_value(msg.get("timestamp")),
         "hash": msg.get("hash") if type(msg.get("hash")) is str else None,
         "tick_size": None if tick in (None, "") else _price(tick),
     }
-    _valid_tokens.remember(book["asset_id"])
-    _valid_markets.remember(book["market"])
+    _remember(book["asset_id"], book["market"])
     if book["tick_size"] is not None and book["tick_size"] == tick:
         _valid_prices.remember(tick)
     return book
 
 
 def _price_change(msg: dict) -> str:
-    _condition(msg.get("market"))
-    ms_time(msg.get("timestamp"))
-    changes = msg.get("price_changes")
-    if changes is None and msg.get("changes") is not None:
+    market = _condition(msg.get("market"))
+    ms_value(msg.get("timestamp"))
+    if "price_changes" not in msg and "changes" in msg:
         # Legacy shape (before 2025-09-15): top-level asset_id and changes[].
         _token(msg.get("asset_id"))
-        _array(msg["changes"], "changes")
         return "price_change_legacy"
-    _array(changes, "price_changes")
+    _present(msg, "price_changes")
+    _remember(None, market)
     return "price_change"
 
 
 def _best_bid_ask(msg: dict) -> None:
-    _token(msg.get("asset_id"))
-    _condition(msg.get("market"))
-    ms_time(msg.get("timestamp"))
-    for key in ("best_bid", "best_ask"):
-        _price(msg.get(key))
+    _present(msg, "best_bid")
+    _present(msg, "best_ask")
+    _remember(_token(msg.get("asset_id")), _condition(msg.get("market")))
+    ms_value(msg.get("timestamp"))
 
 
 def _tick(msg: dict) -> dict:
@@ -409,8 +413,9 @@ def _one(msg: Any, out: Parsed) -> None:
 
 
 # -- the fast path -------------------------------------------------------------------
-class Trade(msgspec.Struct, tag_field="event_type", tag="last_trade_price", forbid_unknown_fields=True):
-    """`last_trade_price` as decoded (types checked, values not yet)."""
+class Trade(msgspec.Struct, tag_field="event_type", tag="last_trade_price", forbid_unknown_fields=True, gc=False):
+    """`last_trade_price` as decoded (types checked, values not yet). gc=False: decoded
+    JSON holds no cycles, so the collector need not track one object per trade."""
 
     market: str
     asset_id: str
@@ -430,13 +435,18 @@ def _loose(kind: str, raw: tuple[str, ...] = (), text: tuple[str, ...] = ()) -> 
         return msgspec.Raw if name in raw else str if name in text else Any
 
     fields = [(name, kind_of(name), msgspec.UNSET) for name in sorted(KNOWN_FIELDS[kind] - {"event_type"})]
-    return msgspec.defstruct(f"Loose_{kind}", fields, tag_field="event_type", tag=kind, forbid_unknown_fields=True)
+    return msgspec.defstruct(f"Loose_{kind}", fields, tag_field="event_type", tag=kind, forbid_unknown_fields=True,
+                             gc=False)
 
 
 # Raw sides: a side's first byte says "array"
-Book = _loose("book", raw=("bids", "asks", "buys", "sells"), text=("asset_id", "market", "timestamp", "tick_size"))
-_Event = (Trade | Book | _loose("price_change", raw=("price_changes", "changes")) | _loose("best_bid_ask")
-          | _loose("tick_size_change"))
+# Sides, changes and quotes are kept as undecoded JSON (the listener does not look into them).
+_IDS = ("asset_id", "market", "timestamp")
+Book = _loose("book", raw=("bids", "asks", "buys", "sells"), text=_IDS + ("tick_size",))
+PriceChange = _loose("price_change", raw=("price_changes", "changes"), text=_IDS)
+BestBidAsk = _loose("best_bid_ask", raw=("best_bid", "best_ask", "spread"), text=_IDS)
+_QUICK = (Book, PriceChange, BestBidAsk)
+_Event = Trade | Book | PriceChange | BestBidAsk | _loose("tick_size_change")
 _fast_decode = msgspec.json.Decoder(list[_Event] | _Event).decode
 _any_decode = msgspec.json.Decoder().decode
 _SIZE = re.compile(r"(?:[1-9][0-9]*(?:\.[0-9]*[1-9])?|0\.[0-9]*[1-9])").fullmatch  # canonical, above zero
@@ -444,18 +454,21 @@ _TX = re.compile(r"0x[0-9a-f]{1,128}").fullmatch  # lower case, as stored
 
 
 def _fast(items: list, out: Parsed) -> None:
-    """Typed events -> out: trades by lookups and two regular expressions, the rest as dicts.
+    """Typed events -> out: trades by lookups and two regular expressions; books, price
+    changes and best bid/asks by their timestamp and ids; the rest as dicts.
 
-    A trade any of whose values is not one already seen valid (or not canonical as
-    sent) goes through the general validator instead (_one), whatever it holds.
+    An event any of whose values is not one already seen valid (or, for a trade, not
+    canonical as sent) goes through the general validator instead (_one), whatever
+    it holds: both paths accept and build the same.
     """
     trades = out.trades
     append = trades.append
     tokens, markets, prices, fees, ts_texts = _valid_tokens, _valid_markets, _valid_prices, _valid_fees, _ts_texts
     size_ok, tx_ok = _SIZE, _TX
     newest = ""  # the newest 13-digit timestamp of the events taken here (string order = time order)
-    fast = books = 0
-    UNSET, Raw = msgspec.UNSET, msgspec.Raw
+    fast = 0
+    other = [0, 0, 0]  # book, price_change, best_bid_ask taken here
+    UNSET = msgspec.UNSET
     for x in items:
         if x.__class__ is Trade:
             ts = x.timestamp
@@ -474,28 +487,41 @@ def _fast(items: list, out: Parsed) -> None:
                     newest = ts
                 fast += 1
                 continue
-        elif x.__class__ is Book:
+        elif x.__class__ in _QUICK:
+            # book, price_change, best_bid_ask: a 13-digit timestamp and ids already seen valid
             ts = x.timestamp
-            if (ts is not UNSET and len(ts) == 13 and ts.isascii() and ts.isdigit() and x.asset_id in tokens
-                    and x.market in markets):
-                bids = x.bids if x.bids is not UNSET else x.buys
-                asks = x.asks if x.asks is not UNSET else x.sells
-                tick, hash_ = x.tick_size, x.hash
-                if (bids.__class__ is Raw and asks.__class__ is Raw and memoryview(bids)[0] == 91  # "["
-                        and memoryview(asks)[0] == 91
-                        and (tick is UNSET or tick in prices) and (hash_ is UNSET or hash_.__class__ is str)):
-                    out.books.append({"asset_id": x.asset_id, "market": x.market, "ts": ms_time(ts),
-                                      "hash": None if hash_ is UNSET else hash_,
-                                      "tick_size": None if tick is UNSET else tick})
-                    if ts > newest:
-                        newest = ts
-                    books += 1
-                    continue
+            if ts is not UNSET and len(ts) == 13 and ts.isascii() and ts.isdigit() and x.market in markets:
+                cls = x.__class__
+                if cls is Book:
+                    tick, hash_ = x.tick_size, x.hash
+                    if (x.asset_id in tokens and (x.bids is not UNSET or x.buys is not UNSET)
+                            and (x.asks is not UNSET or x.sells is not UNSET)
+                            and (tick is UNSET or tick in prices) and (hash_ is UNSET or hash_.__class__ is str)):
+                        out.books.append({"asset_id": x.asset_id, "market": x.market, "ms": int(ts),
+                                          "hash": None if hash_ is UNSET else hash_,
+                                          "tick_size": None if tick is UNSET else tick})
+                        other[0] += 1
+                        if ts > newest:
+                            newest = ts
+                        continue
+                elif cls is PriceChange:
+                    if x.price_changes is not UNSET and x.asset_id is UNSET:
+                        other[1] += 1
+                        if ts > newest:
+                            newest = ts
+                        continue
+                elif cls is BestBidAsk:
+                    if x.asset_id in tokens and x.best_bid is not UNSET and x.best_ask is not UNSET:
+                        other[2] += 1
+                        if ts > newest:
+                            newest = ts
+                        continue
         msg = {name: value for name in x.__struct_fields__ if (value := getattr(x, name)) is not UNSET}
         msg["event_type"] = x.__struct_config__.tag
         _one(msg, out)
-    if books:
-        out.events["book"] = out.events.get("book", 0) + books
+    for kind, n in zip(("book", "price_change", "best_bid_ask"), other):
+        if n:
+            out.events[kind] = out.events.get(kind, 0) + n
     if fast:
         out.events["last_trade_price"] = out.events.get("last_trade_price", 0) + fast
     if newest and int(newest) > out.newest_ms:
