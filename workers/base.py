@@ -94,6 +94,10 @@ class Reporter:
             if err.errno != errno.EPIPE:
                 raise
 
+    def due(self) -> bool:
+        """True when the next send() would go out (so the caller builds counters only then)."""
+        return self.clock() - self._last >= self.every
+
     def send(self, counters: dict, force: bool = False) -> None:
         """Heartbeat + counters, at most once per `every` seconds unless forced."""
         now = self.clock()
@@ -153,8 +157,12 @@ class Worker:
 
     # -- counters -----------------------------------------------------------
     def beat(self) -> None:
-        """Heartbeat from the main loop (never from a thread: a hung loop must go silent)."""
-        if self.reporter is not None:
+        """Heartbeat from the main loop (never from a thread: a hung loop must go silent).
+
+        Cheap when not due: a busy loop calls it every turn, and status() is built only
+        when a message goes out.
+        """
+        if self.reporter is not None and self.reporter.due():
             self.reporter.send(self.status())
 
     def status(self) -> dict:
