@@ -67,6 +67,11 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
    with a reason (workers/backfill.py); adopting again what another process is
    still closing is harmless: keys are idempotent, and the feed_gaps merge only lets
    a recovery count for the end it was fetched for (workers/storage/tables.py).
+   A token that leaves the followed set still owes what lies after its coverage
+   mark (published before it was dropped, delivered by no socket: the last moments
+   before a stop or a kill -9). The owner of its market records that as a gap
+   [mark, now] ("unfollowed", `_settle`) and, once the gap row is durable, releases
+   the mark (feed_coverage.released_at), so the debt is recorded once.
 
 Sharding: process `shard` of `shards` owns the tokens whose condition id hashes
 (crc32, stable across processes and Python runs, unlike hash()) to it, so both
@@ -223,6 +228,7 @@ class TradesCollector(Worker):
         self.last_trade: dict[str, datetime] = {}
         self.prior_gaps: dict[str, list[Gap]] = {}  # adopted gaps of followed tokens not live here yet
         self.held: dict[tuple, datetime | None] = {}  # gap key -> the end we hold it with (None: open)
+        self.releasing: dict[str, datetime] = {}  # unfollowed token -> end of its recorded debt (see _settle)
         self.live_at: dict[str, datetime] = {}  # token -> when its current subscription went live
         self.seen_live: set[str] = set()  # tokens that went live at least once in this process
         self.open_gaps: dict[str, Gap] = {}
@@ -372,6 +378,7 @@ class TradesCollector(Worker):
             if added:
                 self._load(added, {t: followed[t][1] for t in added})
             owed = store.open_gaps(self.db)
+            marks = store.unreleased(self.db)
         except Exception as err:
             self.failure(f"token state: {type(err).__name__}: {err}")
             log.warning("%s: cannot read coverage or open gaps: %s", self.name, err)
@@ -390,6 +397,7 @@ class TradesCollector(Worker):
                 gap.ended_at = gap.ended_at or now
                 self._close_gap(gap)
         self._adopt(owed, now)
+        self._settle(marks, now)
         self._apply_feed_events()
 
     def _load(self, tokens: list[str], since: dict) -> None:
@@ -432,6 +440,17 @@ class TradesCollector(Worker):
         mem = {g.key for g in self.open_gaps.values()} | {g.key for g in self.backfill.gaps()}
         mem |= {g.key for gaps in self.prior_gaps.values() for g in gaps}
         self.held = {k: v for k, v in self.held.items() if k in seen or k in mem}
+
+    def _settle(self, marks: list[tuple], now: datetime) -> None:
+        """The debt of unfollowed tokens of this shard past their coverage mark (trades
+        published before they were dropped that no socket delivered) becomes a gap
+        [mark, now]; the mark is released in _cover once that gap row is durable."""
+        for token, condition, covered in marks:
+            if token in self.tokens or token in self.releasing or shard_of(condition, token, self.shards) != self.shard:
+                continue
+            if covered < now:
+                self._close_gap(Gap(token, condition, covered, now, "unfollowed"))
+            self.releasing[token] = now
 
     # -- coverage and gaps ------------------------------------------------------
     def _apply_feed_events(self) -> None:
@@ -519,10 +538,13 @@ class TradesCollector(Worker):
                 if not vouched:
                     continue  # nothing timestamped read from this socket yet: it vouches for nothing
                 until = min(mark, _dt(vouched))
-                store.set_coverage(self.db, tokens, until, self.shard_label)
+                store.set_coverage(self.db, tokens, until, self.shard_label, {t: self.tokens.get(t) for t in tokens})
                 for token in tokens:  # forward only, as in feed_coverage
                     if token not in self.covered or until > self.covered[token]:
                         self.covered[token] = until
+            if self.releasing:
+                store.release(self.db, self.releasing)
+                self.releasing = {}
             if self.market_pending:
                 pending, self.market_pending = self.market_pending, []
                 try:

@@ -36,17 +36,44 @@ def coverage(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
     return dict(rows)
 
 
-def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str) -> int:
-    """Move the coverage mark of tokens forward to `until` (never backwards)."""
+def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str,
+                 conditions: dict[str, str | None] | None = None) -> int:
+    """Move the coverage mark of tokens forward to `until` (never backwards); a mark that
+    moves is live again (released_at cleared). `conditions`: token -> its market."""
     if not tokens:
         return 0
+    conditions = conditions or {}
     return db.execute(
-        "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at)"
-        " SELECT t, %s, %s, now() FROM unnest(%s::text[]) AS t"
+        "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at, condition_id)"
+        " SELECT t, %s, %s, now(), c FROM unnest(%s::text[], %s::text[]) AS u(t, c)"
         " ON CONFLICT (token_id) DO UPDATE SET covered_until = EXCLUDED.covered_until,"
-        " shard = EXCLUDED.shard, updated_at = now()"
+        " shard = EXCLUDED.shard, updated_at = now(), released_at = NULL,"
+        " condition_id = COALESCE(EXCLUDED.condition_id, feed_coverage.condition_id)"
         " WHERE feed_coverage.covered_until < EXCLUDED.covered_until",
-        (until, shard, tokens),
+        (until, shard, tokens, [conditions.get(t) for t in tokens]),
+    )
+
+
+def unreleased(db: Database) -> list[tuple[str, str | None, datetime]]:
+    """Coverage marks of tokens nobody follows that are not settled yet:
+    (token_id, condition_id, covered_until). What lies after such a mark is owed."""
+    return db.query(
+        "SELECT c.token_id, COALESCE(c.condition_id, t.condition_id), c.covered_until FROM feed_coverage c"
+        " LEFT JOIN tokens t ON t.token_id = c.token_id WHERE c.released_at IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM followed_tokens f WHERE f.token_id = c.token_id)"
+    )
+
+
+def release(db: Database, until: dict[str, datetime]) -> int:
+    """Settle the marks of unfollowed tokens whose debt is now a durable gap ending at `until`."""
+    if not until:
+        return 0
+    tokens = sorted(until)
+    return db.execute(
+        "UPDATE feed_coverage c SET released_at = now(), covered_until = GREATEST(c.covered_until, u.until),"
+        " updated_at = now() FROM unnest(%s::text[], %s::timestamptz[]) AS u(t, until)"
+        " WHERE c.token_id = u.t AND c.released_at IS NULL",
+        (tokens, [until[t] for t in tokens]),
     )
 
 
