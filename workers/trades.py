@@ -358,7 +358,9 @@ class TradesCollector(Worker):
 
     # -- followed set ---------------------------------------------------------
     def _refresh(self) -> None:
-        """Read the followed set, keep this shard's part, apply it to the sockets."""
+        """Read the followed set, keep this shard's part, apply it to the sockets; close the
+        gaps of tokens dropped from it; adopt the open gaps this shard owns (`_adopt`) and
+        record the debt of dropped tokens past their coverage marks (`_settle`)."""
         from workers.storage import gaps as store
 
         try:
