@@ -317,7 +317,8 @@ def feed_gap_debt(dsn: str) -> dict | None:
         with Database(dsn, application_name="collectord status", statement_timeout=5, connect_timeout=2) as db:
             (table, owner), = db.query(
                 "SELECT to_regclass('feed_gaps') IS NOT NULL, EXISTS (SELECT 1 FROM information_schema.columns"
-                " WHERE table_schema = current_schema() AND table_name = 'feed_gaps' AND column_name = 'unrecoverable')")
+                " WHERE table_schema = current_schema() AND table_name = 'feed_gaps'"
+                " AND column_name = 'unrecoverable')")
             if not table:
                 return None
             if not owner:

@@ -103,8 +103,9 @@ def test_stopped_early_then_run_longer_owes_nothing(tmp_path, pg_dsn, polysim):
         pg_dsn, "SELECT token_id, tx_hash, price::text, size::text, side FROM trades"))
     missing, duplicated = expected - stored, stored - published
     gone = sum(n for k, n in expected.items() if k[0] in dropped)
+    reasons = S.query(pg_dsn, "SELECT reason, count(*) FROM feed_gaps GROUP BY 1")
     print(f"\nexpected {sum(expected.values())} (of dropped tokens {gone}), missing {sum(missing.values())}, "
-          f"duplicated {sum(duplicated.values())}; gaps {S.query(pg_dsn, 'SELECT reason, count(*) FROM feed_gaps GROUP BY 1')}")
+          f"duplicated {sum(duplicated.values())}; gaps {reasons}")
     assert gone > 0
     assert not missing and not duplicated, (sum(missing.values()), sum(duplicated.values()), list(missing)[:3])
     # Markets closed and resolved while their gaps were open (a gap opened while followed,
