@@ -211,3 +211,35 @@ def test_a_market_the_data_api_refuses_ends_unrecoverable_and_a_retry_later_is_s
         assert_exactly_once(sim, db, set(tokens))
     finally:
         assert stop(pid) == 0
+
+
+def test_a_gap_adopted_while_its_old_owner_is_still_closing_it(polysim, db, tmp_path):
+    """A reload to another shard count overlaps old and new processes. A socket drop opens
+    gaps in both; the new ones (2 shards) reconnect at once, adopt the old one's gaps while
+    they are still open and recover them; the old one (1 shard, slow to reconnect, its
+    backfill far off) closes them seconds later. The later end wins and the gap is owed
+    again until a fetch of the wider window lands."""
+    sim = polysim(markets=6, seed=67, trade_rate=40.0, multi_fill=0.5)
+    tokens = follow(sim, db)
+    old = start(sim, db, tmp_path, backoff_initial=2.5, backoff_max=2.5, **HOLD)
+    new = []
+    try:
+        wait_for(lambda: live_trades(db) > 20, 20, what="live trades")
+        # Their own data_dir: a spool directory belongs to one process of a name (trades.0).
+        new = [start(sim, db, tmp_path / "new", shard=i, shards=2, **RECOVER) for i in range(2)]
+        wait_for(lambda: query(db, "SELECT count(DISTINCT shard) FROM feed_coverage WHERE shard LIKE '%/2'")[0][0]
+                 == 2, 15, what="both new shards live")
+        sim.faults(surface="ws", kind="drop")
+        time.sleep(4.5)  # the new shards adopt and recover; the old one reconnects after 1.25-2.5 s
+        assert stop(old) == 0
+        old = None
+        wait_for(lambda: open_gaps(db) == 0, 20, what="every gap recovered")
+        assert_exactly_once(sim, db, set(tokens))
+        # The old process's late ends won, and each was fetched after it was known.
+        late = query(db, "SELECT count(*) FROM feed_gaps WHERE reason = 'disconnect'"
+                         " AND ended_at - started_at > interval '1 s'")[0][0]
+        assert late > 0 and query(db, "SELECT count(*) FROM feed_gaps WHERE recovered_at < ended_at")[0][0] == 0
+    finally:
+        if old is not None:
+            stop(old)
+        assert [stop(pid) for pid in new] == [0] * len(new)
