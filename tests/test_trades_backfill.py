@@ -279,16 +279,18 @@ def test_a_market_refused_for_good_ends_its_gaps_alone_and_transient_errors_retr
     assert rows["7"]["recovered_at"] is not None and rows["7"]["recovered_trades"] == 1
     assert rows[TOKEN]["recovered_at"] is None and "refused market" in rows[TOKEN]["unrecoverable"]
     assert sum(1 for c in api.calls if c["market"] == COND) == 3
-    # A 5xx (or a timeout: status None) is transient: raised, the job kept for a retry.
-    flaky = BackfillQueue(lambda url, params: (_ for _ in ()).throw(HttpError("HTTP 503", status=503)),
-                          "http://x/data", shard="0/1", delay=0, wall=lambda: 500.0)
-    flaky.add(Gap(TOKEN, COND, start, end, "restart"))
-    for _ in range(5):
-        try:
-            flaky.step({TOKEN})
-        except HttpError:
-            pass
-    assert len(flaky) == 1 and flaky.unrecoverable == 0
+    # A 5xx, a timeout (status None), a throttle or a Cloudflare 403 block is transient:
+    # raised, the job kept for a retry, however often.
+    for status in (503, None, 429, 403):
+        flaky = BackfillQueue(lambda url, params: (_ for _ in ()).throw(HttpError("failed", status=status)),
+                              "http://x/data", shard="0/1", delay=0, wall=lambda: 500.0)
+        flaky.add(Gap(TOKEN, COND, start, end, "restart"))
+        for _ in range(5):
+            try:
+                flaky.step({TOKEN})
+            except HttpError:
+                pass
+        assert len(flaky) == 1 and flaky.unrecoverable == 0, status
 
 
 def test_window_reaches_past_the_gap_by_margin_and_settlement():

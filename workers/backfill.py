@@ -9,9 +9,9 @@ per `step()`, so the listener's loop never blocks on more than one request.
 
 Every gap handed to the queue ends one of two ways, and `step()` returns its row:
 recovered (recovered_at, recovered_trades), or unrecoverable with the reason
-(no market known for its token; the Data API refusing its market with a 4xx
-`refusals` times in a row). Transient failures (5xx, timeouts, 429, bodies that do
-not parse) are raised to the caller, which backs off and retries: giving up on an
+(no market known for its token; the Data API refusing its market with a 400, 404,
+410 or 422 `refusals` times in a row). Transient failures (5xx, timeouts, 429, a
+Cloudflare 403, bodies that do not parse) are raised to the caller, which backs off and retries: giving up on an
 exchange outage would drop trades that are still there to fetch. A job over several
 markets that is refused is first split into one job per market, so one market the
 Data API refuses never takes the others' gaps down with it.
@@ -50,14 +50,19 @@ log = logging.getLogger(__name__)
 PRICE_QUANTUM = Decimal("0.0001")
 SIZE_QUANTUM = Decimal("0.000001")
 MAX_OFFSET = 10_000  # the Data API answers 400 beyond this offset: split the window instead
-REFUSALS = 3  # 4xx answers in a row for one market before its gaps end unrecoverable
+REFUSALS = 3  # refusals (REFUSED) in a row for one market before its gaps end unrecoverable
 NO_MARKET = "no market (condition id) known for the token: the Data API is queried by market"
 
 
+# Answers about the request itself (its market), which a retry will not change. Other
+# 4xx are not the market's fault: 403 is what Cloudflare answers while it blocks an IP
+# for a while, 401 a proxy's, 408/429 ask to come back later. Those stay transient.
+REFUSED = frozenset({400, 404, 410, 422})
+
+
 def refused(err: BaseException) -> bool:
-    """True for an answer that retrying will not change: a 4xx other than 408/429."""
-    status = getattr(err, "status", None)
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+    """True for an answer that retrying will not change (REFUSED)."""
+    return getattr(err, "status", None) in REFUSED
 
 
 def _quantized(value: Any, quantum: Decimal) -> str | None:
@@ -177,7 +182,7 @@ class Job:
     rows: list = field(default_factory=list)
     mark: int = 0  # len(rows) when the current window started
     requests: int = 0
-    refusals: int = 0  # 4xx answers in a row
+    refusals: int = 0  # refusals (REFUSED) in a row
 
     def __post_init__(self):
         if not self.windows:
@@ -263,7 +268,7 @@ class BackfillQueue:
         """Make at most one request; return a Done when a job finished.
 
         Raises what get_json raises (the job stays queued and is retried), except
-        that a job refused `refusals` times in a row (4xx) ends its gaps unrecoverable
+        that a job refused `refusals` times in a row (REFUSED) ends its gaps unrecoverable
         and returns their rows. `tokens` filters rows to the tokens this process
         follows (plus the job's own gap tokens, followed or not).
 
@@ -341,7 +346,7 @@ class BackfillQueue:
         return self._finish(job, rows)
 
     def _refused(self, job: Job, err: Exception) -> Done:
-        """A 4xx for this job: split it by market, or give up on its one market after
+        """A refusal for this job: split it by market, or give up on its one market after
         `refusals` in a row. Re-raises err while the job is still to be retried."""
         job.refusals += 1
         if len(job.conditions) > 1:
