@@ -76,7 +76,7 @@ def test_stopped_early_then_run_longer_owes_nothing(tmp_path, pg_dsn, polysim):
         second = System(tmp_path, pg_dsn, sim, shards=3, polling=False, trades={"backfill_delay": "1"})
         try:
             second.start()
-            time.sleep(5.0)
+            time.sleep(2.0)  # run 2 runs longer than run 1 in any case: it waits for a drop and the quiesce
             current = lambda: {t for t, in S.query(pg_dsn, "SELECT token_id FROM followed_tokens")}  # noqa: E731
             assert wait_for(lambda: set(followed.seen) - current(), 30), "no market left the followed set"
             assert S.quiesce(second, pg_dsn, timeout=60), second.log_tail()
