@@ -2,6 +2,7 @@
 
     python -m bench soak --minutes 30 --rate 2000            # mixed faults
     python -m bench soak --minutes 10 --rate 200 --s25       # S25: process chaos only
+    python -m bench soak --quick                             # 12 s at 200/s, 10 markets (the test suite's)
 
 One run, in order:
   1. polysim (`--markets`, `--rate` trades/s) on a free loopback port; a fresh schema
@@ -222,6 +223,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--watchdog", type=float, default=5.0)
     p.add_argument("--dsn", default=os.environ.get("COLLECTORD_TEST_DSN", DEFAULT_DSN))
     p.add_argument("--keep", action="store_true", help="keep the run directory and the schema")
+    p.add_argument("--quick", action="store_true", help="12 s at 200 trades/s over 10 markets, a fault every "
+                   "2-4 s (defaults only: flags given still win)")
+    if "--quick" in argv:
+        p.set_defaults(minutes=0.2, rate=200.0, markets=10, every_min=2.0, every_max=4.0)
     args = p.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else min(2.0, args.minutes / 5)
     if args.spare is None:

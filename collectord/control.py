@@ -305,6 +305,41 @@ def _database_line(config: Config, doc: dict | None) -> str:
     return f"database: embedded PostgreSQL under {config.pgdata} (started by `collectord start`)"
 
 
+def feed_gap_debt(dsn: str) -> dict | None:
+    """What the trade listeners still owe, from feed_gaps: {"open": n, "oldest_open_started_at":
+    unix time or None}, {"error": one line} when the database does not answer, None when
+    there is no feed_gaps table (no listener ever ran there). Short timeouts: `status`
+    must answer even with the database down."""
+    from workers.storage import gaps as store
+    from workers.storage.db import Database
+
+    try:
+        with Database(dsn, application_name="collectord status", statement_timeout=5, connect_timeout=2) as db:
+            (table, owner), = db.query(
+                "SELECT to_regclass('feed_gaps') IS NOT NULL, EXISTS (SELECT 1 FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'feed_gaps'"
+                " AND column_name = 'unrecoverable')")
+            if not table:
+                return None
+            if not owner:
+                return {"error": "schema older than migration 0021 (run `collectord db upgrade`)"}
+            count, oldest = store.debt(db)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return {"error": redact_dsn(first)[:200]}
+    return {"open": count, "oldest_open_started_at": oldest.timestamp() if oldest else None}
+
+
+def feed_gap_line(debt: dict, now: float) -> str:
+    """One line for `status`: how many gaps are owed and since when (pure)."""
+    if "error" in debt:
+        return f"feed gaps: unknown ({debt['error']})"
+    if not debt.get("open"):
+        return "feed gaps: none open (every trade recorded or recovered)"
+    return (f"feed gaps: {debt['open']} open (trades owed until backfilled), the oldest started "
+            f"{_age(now - debt['oldest_open_started_at'])} ago")
+
+
 def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
     """LSB: 0 running, 1 dead but PID file left, 3 stopped; the table from status.json."""
     probe = pidfile.probe(config.pidfile)
@@ -316,6 +351,9 @@ def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
             doc = None  # an earlier run's document
     else:
         code = STATUS_DEAD if probe.exists else STATUS_STOPPED
+    # The debt is read from the database: also a stopped run's (an embedded one only while it runs).
+    dsn = config.dsn or ((doc or {}).get("dsn") if code == STATUS_RUNNING else "")
+    debt = feed_gap_debt(dsn) if dsn else None
     if as_json:
         if code == STATUS_RUNNING and doc is not None:
             shown = dict(doc)
@@ -325,14 +363,20 @@ def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
                 shown["reason"] = probe.stale_reason()
         shown["dsn"] = redact_dsn(str(shown.get("dsn") or config.dsn or ""))
         shown["pidfile"] = config.pidfile
+        if debt is not None:
+            shown["feed_gaps"] = debt
         print(json.dumps(shown, indent=1, default=str), file=out)
         return code
 
     if code == STATUS_STOPPED:
         print("collectord is not running", file=out)
+        if debt is not None:
+            print(feed_gap_line(debt, now), file=out)
         return code
     if code == STATUS_DEAD:
         print(f"collectord is not running: {probe.stale_reason()} ({config.pidfile})", file=out)
+        if debt is not None:
+            print(feed_gap_line(debt, now), file=out)
         return code
     head = f"collectord is running (pid {probe.pid}"
     if doc is not None and isinstance(doc.get("started_at"), (int, float)):
@@ -347,6 +391,8 @@ def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
         return code
     for line in status_lines(doc, now):
         print(line, file=out)
+    if debt is not None:
+        print(feed_gap_line(debt, now), file=out)
     updated = doc.get("updated_at")
     if isinstance(updated, (int, float)):
         print(f"(status written {_age(now - updated)} ago)", file=out)

@@ -19,7 +19,9 @@ run() does, in order:
   6. stops the supervisor (SIGTERM: collectors flush, the embedded server
      stops), then polysim;
   7. prints the rows per table, counted after the final flush (the embedded
-     server is started once more for that), and where the data is.
+     server is started once more for that), the feed gaps (opened, recovered,
+     unrecoverable, still open and the oldest open one's age: the trades a stopped
+     run still owes, fetched by the next start), and where the data is.
 Signal handlers only set a flag and write to a wake pipe; the loop acts.
 """
 
@@ -236,10 +238,31 @@ def progress_line(elapsed: float, counts: dict[str, int | None] | None, doc: dic
     return f"[{elapsed:5.0f}s] {rows} | {states or 'starting'}"
 
 
-def final_counts(pgdata: Path) -> tuple[dict[str, int | None] | None, str]:
-    """Rows per table after the supervisor stopped: start the embedded server once more.
+def gap_figures(dsn: str) -> dict | None:
+    """workers.storage.gaps.figures() of the demo's database; None when there is no feed_gaps."""
+    from workers.storage import gaps as store
+    from workers.storage.db import Database
 
-    Returns (counts, the server's URI) or (None, why not).
+    with Database(dsn, application_name="collectord demo", statement_timeout=10) as db:
+        if not db.query("SELECT to_regclass('feed_gaps') IS NOT NULL")[0][0]:
+            return None
+        return store.figures(db)
+
+
+def gap_line(gaps: dict, now: float) -> str:
+    """The summary's feed gap line (pure)."""
+    line = (f"feed gaps: {gaps['opened']} opened, {gaps['recovered']} recovered, "
+            f"{gaps['unrecoverable']} unrecoverable, {gaps['open']} still open")
+    oldest = gaps.get("oldest_open_started_at")
+    if gaps["open"] and oldest is not None:
+        line += (f" (the oldest started {max(0, now - oldest.timestamp()):.0f}s ago): the trades they hold are "
+                 "owed, and the next start fetches them")
+    return line
+
+
+def final_counts(pgdata: Path) -> tuple[dict[str, int | None] | None, str, dict | None]:
+    """Rows per table and gap figures after the supervisor stopped: start the embedded
+    server once more. Returns (counts, the server's URI, gaps) or (None, why not, None).
     """
     try:
         with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" is no news here
@@ -248,11 +271,11 @@ def final_counts(pgdata: Path) -> tuple[dict[str, int | None] | None, str]:
 
             server = embedded.start(pgdata)
     except Exception as err:
-        return None, f"{type(err).__name__}: {err}"
+        return None, f"{type(err).__name__}: {err}", None
     try:
-        return count_rows(server.uri), server.uri
+        return count_rows(server.uri), server.uri, gap_figures(server.uri)
     except Exception as err:
-        return None, f"{type(err).__name__}: {err}"
+        return None, f"{type(err).__name__}: {err}", None
     finally:
         server.stop()
 
@@ -367,7 +390,7 @@ def _tail(path: Path) -> str:
 
 def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | None) -> int:
     pgdata = directory / "data" / "pgdata"
-    counts, uri = final_counts(pgdata) if pgdata.exists() else (None, "no database was created")
+    counts, uri, gaps = final_counts(pgdata) if pgdata.exists() else (None, "no database was created", None)
     print("")
     print(f"collectord demo: supervisor exited with status {code}" + (f" after {stopped_by}" if stopped_by else ""))
     if counts is None:
@@ -378,6 +401,8 @@ def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | No
         for table in TABLES:
             value = counts.get(table)
             print(f"  {table:<20} {'(missing)' if value is None else value:>8}")
+        if gaps is not None:
+            print(gap_line(gaps, time.time()))
     print(f"data: embedded PostgreSQL, data directory {pgdata}, database collectord")
     print(f"  serve it again:  collectord -c {conf} start   (and later: ... stop)")
     print(f"  then query it:   psql '{uri}'")

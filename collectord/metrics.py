@@ -64,6 +64,10 @@ KNOWN_COUNTERS: dict[str, tuple[str, str, float, str]] = {
                   "Feed gaps opened and not yet recovered by backfill."),
     "gaps_recovered": ("collectord_collector_gaps_recovered", "counter", 1.0,
                        "Feed gaps recovered by backfill since the process started."),
+    "gaps_unrecoverable": ("collectord_collector_gaps_unrecoverable", "counter", 1.0,
+                           "Feed gaps ended unrecoverable (with a reason in feed_gaps) since the process started."),
+    "gaps_adopted": ("collectord_collector_gaps_adopted", "counter", 1.0,
+                     "Open feed gaps left by other processes or runs that this one took on since it started."),
     "spool_bytes": ("collectord_collector_spool_bytes", "gauge", 1.0,
                     "Bytes waiting in the on-disk spool for PostgreSQL."),
     "last_batch_ms": ("collectord_collector_writer_batch_latency_seconds", "gauge", 0.001,
@@ -73,6 +77,10 @@ KNOWN_COUNTERS: dict[str, tuple[str, str, float, str]] = {
     "db_ok": ("collectord_collector_db_up", "gauge", 1.0, "1 when the writer's last database operation succeeded."),
 }
 SOCKET_STATUS_KEY = "socket_status"  # [[index, connected, last_rx_age, reconnects, assets], ...]
+# Unix time the oldest gap a collector owes started (None: it owes none), turned into an
+# age at scrape time: alert on the age (a few open gaps waiting for the backfill delay
+# are normal; one owed for an hour is not).
+OLDEST_GAP_KEY = "gaps_oldest_open_at"
 
 
 def _number(value: Any) -> float | None:
@@ -255,12 +263,17 @@ class StatusCollector(Collector):
                    "Unix time of the collector's last successful cycle.").add_metric([name], last)
             family("collectord_collector_last_success_age_seconds", "gauge",
                    "Seconds since the collector's last successful cycle.").add_metric([name], max(0.0, now - last))
+        if OLDEST_GAP_KEY in counters:
+            oldest = _number(counters.get(OLDEST_GAP_KEY))
+            family("collectord_feed_gap_oldest_open_seconds", "gauge",
+                   "Age of the oldest feed gap the collector owes (0 when it owes none).").add_metric(
+                [name], max(0.0, now - oldest) if oldest is not None else 0.0)
         sockets = counters.get(SOCKET_STATUS_KEY)
         if isinstance(sockets, list):
             self._sockets(name, sockets, family)
         taken: set[str] = set()  # one sample per known metric: the top-level key wins, then the first nested
         for key, leaf, value in sorted(flatten(counters), key=lambda item: item[0] != item[1]):
-            if key in ("last_success", "last_error", SOCKET_STATUS_KEY):
+            if key in ("last_success", "last_error", SOCKET_STATUS_KEY, OLDEST_GAP_KEY):
                 continue
             number = _number(value)
             if number is None:

@@ -23,7 +23,7 @@ QUICK = {
     "parse": ["--quick"],
     "polysim_rate": ["--rates", "2000", "--seconds", "1", "--warmup", "0.5", "--markets", "10"],
     "supervisor": ["--quick"],
-    "soak": ["--minutes", "0.2", "--rate", "200", "--markets", "10", "--every-min", "2", "--every-max", "4"],
+    "soak": ["--quick"],
 }
 
 

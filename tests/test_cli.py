@@ -321,6 +321,35 @@ def test_status_lines_render_every_column():
     assert lines[0].index("STATE") == lines[1].index("RUNNING") == lines[2].index("BACKOFF")
 
 
+def test_a_stopped_runs_feed_gap_debt_is_shown_from_the_database(env, pg_dsn):
+    import psycopg2
+    from workers.storage import migrate
+
+    migrate(pg_dsn)
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO feed_gaps (token_id, started_at, ended_at, recovered_at, unrecoverable) VALUES"
+                    " ('1', now() - interval '1 hour', now(), NULL, NULL), ('2', now() - interval '2 minutes', NULL,"
+                    " NULL, NULL), ('3', now() - interval '1 day', now(), now(), NULL),"
+                    " ('4', now() - interval '2 days', now(), NULL, 'Data API refused')")
+    conn.close()
+    r = env.cli("status")
+    assert r.returncode == 3
+    assert r.stdout.splitlines() == ["collectord is not running",
+                                     "feed gaps: 2 open (trades owed until backfilled), the oldest started 1h00m ago"]
+    code, doc = _status_json(env)
+    assert code == 3 and doc["feed_gaps"]["open"] == 2
+    assert 3590 < time.time() - doc["feed_gaps"]["oldest_open_started_at"] < 3700
+
+
+def test_feed_gap_line():
+    assert control.feed_gap_line({"open": 0, "oldest_open_started_at": None}, 100.0).startswith("feed gaps: none open")
+    assert control.feed_gap_line({"open": 3, "oldest_open_started_at": 100.0}, 225.0) == (
+        "feed gaps: 3 open (trades owed until backfilled), the oldest started 2m05s ago")
+    assert control.feed_gap_line({"error": "connection refused"}, 0) == "feed gaps: unknown (connection refused)"
+    dead = control.feed_gap_debt("host=127.0.0.1 port=1 dbname=x user=u password=hunter2 connect_timeout=1")
+    assert "error" in dead and "hunter2" not in dead["error"]
+
+
 def test_ages():
     assert [control._age(s) for s in (None, 0, 59.9, 61, 3600, 90000)] == ["-", "0s", "59s", "1m01s", "1h00m", "1d01h"]
 

@@ -23,6 +23,20 @@ def summary_rows(out: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s+(\w+)\s+(\d+)\s*$", block, re.M)}
 
 
+def test_gap_line_says_what_is_owed():
+    from datetime import datetime, timezone
+
+    from collectord.demo import gap_line
+
+    gaps = {"opened": 60, "recovered": 50, "unrecoverable": 1, "open": 9,
+            "oldest_open_started_at": datetime.fromtimestamp(1000, timezone.utc)}
+    assert gap_line(gaps, 1042.0) == ("feed gaps: 60 opened, 50 recovered, 1 unrecoverable, 9 still open "
+                                      "(the oldest started 42s ago): the trades they hold are owed, and the "
+                                      "next start fetches them")
+    assert gap_line(dict(gaps, recovered=59, open=0, oldest_open_started_at=None), 0) == (
+        "feed gaps: 60 opened, 59 recovered, 1 unrecoverable, 0 still open")
+
+
 def processes_under(directory: Path) -> list[str]:
     """Command lines of live processes that mention the demo directory (polysim, supervisor, postgres)."""
     found = []
@@ -98,6 +112,11 @@ def test_demo_for_20_seconds_collects_rows(tmp_path):
     for table in ("markets", "tokens", "trades"):
         assert rows.get(table, 0) > 0, f"no rows in {table}: {out}"
     assert rows.get("followed_tokens", 0) > 0 and rows.get("price_snapshots", 0) > 0, out
+    # What the stopped run still owes: start gaps may be waiting for the backfill delay.
+    gaps = re.search(r"^feed gaps: (\d+) opened, (\d+) recovered, (\d+) unrecoverable, (\d+) still open", out, re.M)
+    assert gaps, out
+    opened, recovered, unrecoverable, still_open = map(int, gaps.groups())
+    assert opened > 0 and opened == recovered + unrecoverable + still_open and unrecoverable == 0, out
     # Periodic lines while it ran, and where the data is at the end.
     assert len(re.findall(r"^\[\s*\d+s\] ", out, re.M)) >= 3, out
     assert f"data directory {directory / 'data' / 'pgdata'}" in out

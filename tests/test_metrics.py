@@ -40,6 +40,7 @@ def status_doc(pid: int, updated_at: float, state: str = "running") -> dict:
              "next_start_in": 17.5, "heartbeat_age": None,
              "counters": {"rows_written": 50, "errors": 0, "last_success": None, "last_error": None,
                           "reconnects": 4, "gaps_open": 2, "sockets": 2, "sockets_connected": 1,
+                          "gaps_oldest_open_at": updated_at - 600, "gaps_unrecoverable": 1,
                           "socket_status": [[0, 1, 0.3, 1, 400], [1, 0, None, 3, 12]]}},
         ],
     }
@@ -88,6 +89,11 @@ def test_exposition_from_status_json(tmp_path):
     assert got[("collectord_collector_writer_batches_total", m)] == 7  # nested writer.batches
     assert got[("collectord_collector_socket_reconnects_total", t)] == 4
     assert got[("collectord_collector_gaps_open", t)] == 2
+    # The oldest owed gap as an age at scrape time (alert on it); only collectors that owe gaps.
+    assert got[("collectord_feed_gap_oldest_open_seconds", t)] == pytest.approx(601.0)
+    assert ("collectord_feed_gap_oldest_open_seconds", m) not in got
+    assert got[("collectord_collector_gaps_unrecoverable_total", t)] == 1
+    assert not any(dict(k[1]).get("key") == "gaps_oldest_open_at" for k in got)
     assert got[("collectord_collector_sockets_connected", t)] == 1
     assert got[("collectord_socket_connected", t + (("socket", "1"),))] == 0
     assert got[("collectord_socket_assets", t + (("socket", "0"),))] == 400
@@ -95,6 +101,15 @@ def test_exposition_from_status_json(tmp_path):
     assert got[("collectord_collector_info", (("collector", "markets"), ("target", "workers.markets:MarketsCollector")))] == 1
     # The password-redacted DSN and error texts are not metrics.
     assert not any("password" in str(k) or "503" in str(k) for k in got)
+
+
+def test_a_collector_owing_no_gap_reports_an_oldest_age_of_zero(tmp_path):
+    doc = status_doc(4242, NOW)
+    doc["children"][1]["counters"].update(gaps_open=0, gaps_oldest_open_at=None)
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps(doc))
+    got = scrape_registry(str(path))
+    assert got[("collectord_feed_gap_oldest_open_seconds", (("collector", "trades.0"),))] == 0
 
 
 def test_missing_status_json_is_down_and_nothing_else(tmp_path):

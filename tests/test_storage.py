@@ -327,6 +327,56 @@ def test_feed_gap_rewrite_fills_in_recovery(writer, db):
     assert fetch(db, "SELECT reason, shard, recovered_trades FROM feed_gaps") == [("disconnect", "trades.0", 4)]
 
 
+def test_feed_gap_recovery_counts_only_for_the_end_it_was_fetched_for(writer, db):
+    """Two processes write one gap: an adopter recovers [T0, T0+3] while the old owner,
+    still closing it, records the end T0+8. Whichever order they land in, the end only
+    grows and the gap stays owed until a recovery of the wider window lands."""
+    def gap(end, recovered=None, **extra):
+        row = {"token_id": TOKEN, "started_at": T0, "ended_at": T0 + timedelta(seconds=end), "reason": "restart",
+               "recovered_at": recovered and T0 + timedelta(seconds=recovered), "recovered_trades": recovered and 1}
+        return dict(row, **extra)
+
+    def state():
+        return fetch(db, "SELECT ended_at - started_at, recovered_at IS NOT NULL, condition_id FROM feed_gaps")[0]
+
+    for first, second in ((gap(3, 9), gap(8)), (gap(8), gap(3, 9))):
+        with psycopg2.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM feed_gaps")
+        conn.close()
+        for row in (first, second):
+            writer.add("feed_gaps", [row])
+            writer.flush()
+        assert state() == (timedelta(seconds=8), False, None)
+    writer.add("feed_gaps", [gap(8, 20, condition_id="0xc")])
+    writer.flush()
+    assert state() == (timedelta(seconds=8), True, "0xc")
+    writer.add("feed_gaps", [gap(8)])  # a late copy of the close, after the recovery: no change
+    writer.flush()
+    assert state() == (timedelta(seconds=8), True, "0xc")
+
+
+def test_migration_0021_gives_open_gaps_of_a_populated_table_their_market(pg_dsn, tmp_path):
+    import shutil
+    from workers.storage.migrate import migrations_dir
+
+    for path in migrations_dir().glob("*.sql"):
+        if int(path.name[:4]) < 21:
+            shutil.copy(path, tmp_path / path.name)
+    migrate(pg_dsn, directory=tmp_path)
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO followed_tokens (token_id, condition_id) VALUES ('1', '0xa')")
+        cur.execute("INSERT INTO tokens (token_id, condition_id) VALUES ('2', '0xb'), ('1', '0xz')")
+        cur.execute("INSERT INTO feed_gaps (token_id, started_at, ended_at, recovered_at) VALUES"
+                    " ('1', now(), now(), NULL), ('2', now(), NULL, NULL), ('3', now(), now(), NULL),"
+                    " ('2', now() - interval '1 day', now(), now())")
+    conn.close()
+    assert 21 in migrate(pg_dsn)
+    got = fetch(pg_dsn, "SELECT token_id, condition_id, unrecoverable, recovered_at IS NOT NULL FROM feed_gaps"
+                        " ORDER BY token_id, started_at")
+    assert got == [("1", "0xa", None, False), ("2", None, None, True), ("2", "0xb", None, False),
+                   ("3", None, None, False)]
+
+
 def test_tokens_partial_row_does_not_erase(writer, db):
     writer.add("tokens", [{"token_id": TOKEN, "market_id": "1", "condition_id": "0xc", "outcome": "Yes", "outcome_index": 0}])
     writer.flush()

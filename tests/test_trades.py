@@ -71,6 +71,7 @@ def start(sim, dsn: str, tmp_path, **options) -> int:
     opts.update({k: str(v) for k, v in options.items()})
     shard, shards = int(opts.pop("shard", 0)), int(opts.pop("shards", 1))
     status_fd = int(opts.pop("status_fd", -1))
+    status_every = float(opts.pop("status_every", 5.0))  # heartbeats with counters, as under the supervisor
     collector = TradesCollector(name=f"trades.{shard}", dsn=dsn, data_dir=str(tmp_path), ws_url=sim.ws_url,
                                 data_url=sim.data_url, gamma_url=sim.gamma_url, clob_url=sim.clob_url,
                                 shard=shard, shards=shards, **opts)
@@ -80,7 +81,7 @@ def start(sim, dsn: str, tmp_path, **options) -> int:
         try:
             signal.signal(signal.SIGTERM, lambda *_: collector.stop())
             if status_fd >= 0:
-                collector.attach_supervisor(status_fd)
+                collector.attach_supervisor(status_fd, status_every)
             collector.run()
         except BaseException:
             traceback.print_exc()

@@ -224,12 +224,73 @@ def test_backfill_splits_windows_too_deep_for_offset_paging():
     assert max(c["offset"] for c in api.calls) < MAX_OFFSET
 
 
-def test_a_gap_without_market_is_left_unrecovered_not_claimed():
+def test_a_gap_without_market_ends_unrecoverable_with_its_reason():
     api = DataApi([api_row(1, 100)])
     queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, wall=lambda: 500.0)
     queue.add(Gap(TOKEN, None, datetime.fromtimestamp(90, timezone.utc), datetime.fromtimestamp(180, timezone.utc),
                   "start"))
-    assert queue.step({TOKEN}) is None and api.calls == [] and len(queue) == 0 and queue.unrecoverable == 1
+    done = queue.step({TOKEN})
+    assert api.calls == [] and len(queue) == 0 and queue.unrecoverable == 1 and done.trades == []
+    (row,) = done.gaps
+    assert row["recovered_at"] is None and "no market" in row["unrecoverable"]
+    assert queue.step({TOKEN}) is None and not queue.pending(500.0)
+
+
+class RefusingDataApi(DataApi):
+    """Answers 404 for one market (as an HttpError from workers.http would carry it)."""
+
+    def __init__(self, rows, refused: str):
+        super().__init__(rows)
+        self.refused = refused
+
+    def get_json(self, url, params):
+        from workers.errors import HttpError
+
+        if self.refused in params["market"].split(","):
+            self.calls.append(dict(params))
+            raise HttpError("data /trades: HTTP 404: market not found", status=404)
+        return super().get_json(url, params)
+
+
+def test_a_market_refused_for_good_ends_its_gaps_alone_and_transient_errors_retry():
+    from workers.errors import HttpError
+
+    other = "0x" + "cd" * 32
+    api = RefusingDataApi([api_row(1, 100), api_row(2, 120, cond=other, token="7")], refused=COND)
+    queue = BackfillQueue(api.get_json, "http://x/data", shard="0/1", delay=0, margin=0, refusals=3,
+                          wall=lambda: 500.0)
+    start, end = datetime.fromtimestamp(90, timezone.utc), datetime.fromtimestamp(180, timezone.utc)
+    queue.add(Gap(TOKEN, COND, start, end, "restart"))
+    queue.add(Gap("7", other, start, end, "restart"))
+    outcomes = []
+    for _ in range(10):
+        try:
+            done = queue.step({TOKEN, "7"})
+        except HttpError as err:
+            outcomes.append(err.status)
+            continue
+        if done is None:
+            break
+        outcomes.append(done)
+    # Refused together: split by market; the other market is recovered; the refused one
+    # is given up on after 3 refusals in a row, with the reason, never retried again.
+    assert outcomes[0] == 404 and len(queue) == 0 and queue.unrecoverable == 1
+    rows = {g["token_id"]: g for d in outcomes if not isinstance(d, int) for g in d.gaps}
+    assert rows["7"]["recovered_at"] is not None and rows["7"]["recovered_trades"] == 1
+    assert rows[TOKEN]["recovered_at"] is None and "refused market" in rows[TOKEN]["unrecoverable"]
+    assert sum(1 for c in api.calls if c["market"] == COND) == 3
+    # A 5xx, a timeout (status None), a throttle or a Cloudflare 403 block is transient:
+    # raised, the job kept for a retry, however often.
+    for status in (503, None, 429, 403):
+        flaky = BackfillQueue(lambda url, params: (_ for _ in ()).throw(HttpError("failed", status=status)),
+                              "http://x/data", shard="0/1", delay=0, wall=lambda: 500.0)
+        flaky.add(Gap(TOKEN, COND, start, end, "restart"))
+        for _ in range(5):
+            try:
+                flaky.step({TOKEN})
+            except HttpError:
+                pass
+        assert len(flaky) == 1 and flaky.unrecoverable == 0, status
 
 
 def test_window_reaches_past_the_gap_by_margin_and_settlement():

@@ -7,6 +7,15 @@ numbering). Stateful part: `BackfillQueue` groups closed gaps into jobs (one
 window, up to `markets_per_request` condition ids) and runs a job one HTTP request
 per `step()`, so the listener's loop never blocks on more than one request.
 
+Every gap handed to the queue ends one of two ways, and `step()` returns its row:
+recovered (recovered_at, recovered_trades), or unrecoverable with the reason
+(no market known for its token; the Data API refusing its market with a 400, 404,
+410 or 422 `refusals` times in a row). Transient failures (5xx, timeouts, 429, a
+Cloudflare 403, bodies that do not parse) are raised to the caller, which backs off and retries: giving up on an
+exchange outage would drop trades that are still there to fetch. A job over several
+markets that is refused is first split into one job per market, so one market the
+Data API refuses never takes the others' gaps down with it.
+
 The window: the Data API stamps a fill with its transaction's block time (seconds),
 which comes after the match time the WebSocket reports (the operator settles matched
 orders on chain in batches). A fill matched inside [start, end] therefore carries a
@@ -41,6 +50,19 @@ log = logging.getLogger(__name__)
 PRICE_QUANTUM = Decimal("0.0001")
 SIZE_QUANTUM = Decimal("0.000001")
 MAX_OFFSET = 10_000  # the Data API answers 400 beyond this offset: split the window instead
+REFUSALS = 3  # refusals (REFUSED) in a row for one market before its gaps end unrecoverable
+NO_MARKET = "no market (condition id) known for the token: the Data API is queried by market"
+
+
+# Answers about the request itself (its market), which a retry will not change. Other
+# 4xx are not the market's fault: 403 is what Cloudflare answers while it blocks an IP
+# for a while, 401 a proxy's, 408/429 ask to come back later. Those stay transient.
+REFUSED = frozenset({400, 404, 410, 422})
+
+
+def refused(err: BaseException) -> bool:
+    """True for an answer that retrying will not change (REFUSED)."""
+    return getattr(err, "status", None) in REFUSED
 
 
 def _quantized(value: Any, quantum: Decimal) -> str | None:
@@ -134,9 +156,16 @@ class Gap:
     ended_at: datetime | None
     reason: str
 
-    def row(self, shard: str, recovered_at: datetime | None = None, found: int | None = None) -> dict:
+    @property
+    def key(self) -> tuple[str, datetime]:
+        """feed_gaps' natural key."""
+        return self.token_id, self.started_at
+
+    def row(self, shard: str, recovered_at: datetime | None = None, found: int | None = None,
+            unrecoverable: str | None = None) -> dict:
         return {"token_id": self.token_id, "started_at": self.started_at, "ended_at": self.ended_at,
-                "reason": self.reason, "recovered_at": recovered_at, "recovered_trades": found, "shard": shard}
+                "reason": self.reason, "recovered_at": recovered_at, "recovered_trades": found, "shard": shard,
+                "condition_id": self.condition_id, "unrecoverable": unrecoverable}
 
 
 @dataclass
@@ -153,6 +182,7 @@ class Job:
     rows: list = field(default_factory=list)
     mark: int = 0  # len(rows) when the current window started
     requests: int = 0
+    refusals: int = 0  # refusals (REFUSED) in a row
 
     def __post_init__(self):
         if not self.windows:
@@ -161,7 +191,7 @@ class Job:
 
 @dataclass
 class Done:
-    """A finished job: trade rows to write and gap rows marking recovery."""
+    """A finished job: trade rows to write and gap rows marking recovery (or the end of hope)."""
 
     trades: list[dict]
     gaps: list[dict]
@@ -173,16 +203,18 @@ class BackfillQueue:
 
     def __init__(self, get_json: Callable[[str, dict], Any], data_url: str, *, shard: str, delay: float = 30.0,
                  margin: float = 5.0, settle: float = 0.0, page: int = 1000, markets_per_request: int = 20,
-                 wall: Callable[[], float] = lambda: datetime.now(timezone.utc).timestamp()):
+                 refusals: int = REFUSALS, wall: Callable[[], float] = lambda: datetime.now(timezone.utc).timestamp()):
         self.get_json = get_json
         self.url = data_url.rstrip("/") + "/trades"
         self.shard = shard
         self.delay, self.margin, self.settle = delay, margin, settle
         self.page = max(1, min(page, MAX_OFFSET))
         self.markets_per_request = max(1, markets_per_request)
+        self.refusals = max(1, refusals)
         self.wall = wall
         self.waiting: list[Gap] = []
         self.jobs: list[Job] = []
+        self.ended: list[dict] = []  # rows of gaps that ended unrecoverable, not yet returned
         self.requests = 0
         self.recovered = 0
         self.trades_found = 0
@@ -191,6 +223,10 @@ class BackfillQueue:
 
     def __len__(self) -> int:
         return len(self.waiting) + sum(len(j.gaps) for j in self.jobs)
+
+    def gaps(self) -> list[Gap]:
+        """Every gap queued or being fetched."""
+        return self.waiting + [g for j in self.jobs for g in j.gaps]
 
     def add(self, gap: Gap) -> None:
         if gap.ended_at is None:
@@ -213,10 +249,7 @@ class BackfillQueue:
         windows: dict[tuple[int, int], list[Gap]] = {}
         for gap in due:
             if not gap.condition_id:
-                # The Data API is queried by market: without a condition id the gap stays
-                # unrecovered in feed_gaps (visible to operators), it is not claimed.
-                self.unrecoverable += 1
-                log.warning("gap of token %s has no condition id; cannot backfill it", gap.token_id)
+                self._give_up([gap], NO_MARKET)
                 continue
             start = math.floor(gap.started_at.timestamp() - self.margin)
             end = math.ceil(gap.ended_at.timestamp() + self.margin + self.settle)
@@ -229,13 +262,15 @@ class BackfillQueue:
 
     def pending(self, now: float) -> bool:
         """True when step() has a request to make now."""
-        return bool(self.jobs) or any(self._due_at(g) <= now for g in self.waiting)
+        return bool(self.jobs or self.ended) or any(self._due_at(g) <= now for g in self.waiting)
 
     def step(self, tokens: set[str]) -> Done | None:
         """Make at most one request; return a Done when a job finished.
 
-        Raises what get_json raises (the job stays queued and is retried).
-        `tokens` filters rows to the tokens this process follows.
+        Raises what get_json raises (the job stays queued and is retried), except
+        that a job refused `refusals` times in a row (REFUSED) ends its gaps unrecoverable
+        and returns their rows. `tokens` filters rows to the tokens this process
+        follows (plus the job's own gap tokens, followed or not).
 
         Paging is by time, not by offset, because the rows have no id: a fill that
         two offset pages both return (rows inserted at the newest end shift every
@@ -248,15 +283,24 @@ class BackfillQueue:
         now = self.wall()
         if not self.jobs:
             self._plan(now)
+        if self.ended:
+            rows, self.ended = self.ended, []
+            return Done([], rows, 0)
         if not self.jobs:
             return None
         job = self.jobs[0]
         start, end, markets = job.windows[-1]
         params = {"market": ",".join(markets), "start": start, "end": end,
                   "limit": self.page, "offset": job.offset, "takerOnly": "true"}
-        payload = self.get_json(self.url, params)
         self.requests += 1
         job.requests += 1
+        try:
+            payload = self.get_json(self.url, params)
+        except Exception as err:
+            if not refused(err):
+                raise
+            return self._refused(job, err)
+        job.refusals = 0
         page = [r for r in payload if isinstance(r, dict)] if isinstance(payload, list) else []
         if isinstance(payload, list) and len(page) < len(payload):
             self.invalid_rows += len(payload) - len(page)
@@ -300,6 +344,29 @@ class BackfillQueue:
         rows, bad = rows_from_data_api(job.rows, tokens | {g.token_id for g in job.gaps})
         self.invalid_rows += bad
         return self._finish(job, rows)
+
+    def _refused(self, job: Job, err: Exception) -> Done:
+        """A refusal for this job: split it by market, or give up on its one market after
+        `refusals` in a row. Re-raises err while the job is still to be retried."""
+        job.refusals += 1
+        if len(job.conditions) > 1:
+            self.jobs[0:1] = [Job(job.start, job.end, [c], [g for g in job.gaps if g.condition_id == c])
+                              for c in job.conditions]
+            raise err
+        if job.refusals < self.refusals:
+            raise err
+        self.jobs.pop(0)
+        self._give_up(job.gaps, f"Data API refused market {job.conditions[0]} {job.refusals} times: {err}")
+        rows, self.ended = self.ended, []
+        return Done([], rows, job.requests)
+
+    def _give_up(self, gaps: list[Gap], reason: str) -> None:
+        """End gaps unrecoverable: their rows (with the reason) wait in `ended` for step()."""
+        reason = reason[:300]
+        for gap in gaps:
+            self.ended.append(gap.row(self.shard, unrecoverable=reason))
+        self.unrecoverable += len(gaps)
+        log.warning("%d gap(s) of %s unrecoverable: %s", len(gaps), sorted({g.token_id[:12] for g in gaps}), reason)
 
     @staticmethod
     def _next_window(job: Job) -> None:

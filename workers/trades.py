@@ -53,8 +53,25 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
    the same time, and only advances after a Writer flush made the earlier rows
    durable. Messages read just before a socket broke are handled, not dropped.
    A gap row is written when it opens (ended_at NULL) and again when it closes and
-   when it is recovered (feed_gaps merges on (token_id, started_at)). Gaps a dead
-   process left unrecovered are picked up by the next process for those tokens.
+   when it is recovered (feed_gaps merges on (token_id, started_at)).
+
+3. Ownership. Every open gap (feed_gaps rows neither recovered nor unrecoverable)
+   belongs to the process whose shard its market hashes to (`shard_of`), whether or
+   not anyone still follows its token, whoever opened it: an earlier process, an
+   earlier run, a run with another shard count. At start and on every refresh each
+   process adopts the open gaps it owns and does not hold yet (`_adopt`): one of a
+   followed token that has not gone live here yet waits for its first subscription
+   (it is closed there, with the token's first gap); any other is closed now (at its
+   recorded end, else now) and queued for backfill. A gap ends recovered or, when
+   the Data API refuses its market for good or no market is known, unrecoverable
+   with a reason (workers/backfill.py); adopting again what another process is
+   still closing is harmless: keys are idempotent, and the feed_gaps merge only lets
+   a recovery count for the end it was fetched for (workers/storage/tables.py).
+   A token that leaves the followed set still owes what lies after its coverage
+   mark (published before it was dropped, delivered by no socket: the last moments
+   before a stop or a kill -9). The owner of its market records that as a gap
+   [mark, now] ("unfollowed", `_settle`) and, once the gap row is durable, releases
+   the mark (feed_coverage.released_at), so the debt is recorded once.
 
 Sharding: process `shard` of `shards` owns the tokens whose condition id hashes
 (crc32, stable across processes and Python runs, unlike hash()) to it, so both
@@ -242,7 +259,9 @@ class TradesCollector(Worker):
         self.since: dict[str, datetime | None] = {}
         self.covered: dict[str, datetime] = {}  # coverage marks (DB at start, then ours)
         self.last_trade: dict[str, datetime] = {}
-        self.prior_gaps: dict[str, list[tuple]] = {}  # unrecovered gaps left by earlier processes
+        self.prior_gaps: dict[str, list[Gap]] = {}  # adopted gaps of followed tokens not live here yet
+        self.held: dict[tuple, datetime | None] = {}  # gap key -> the end we hold it with (None: open)
+        self.releasing: dict[str, datetime] = {}  # unfollowed token -> end of its recorded debt (see _settle)
         self.live_at: dict[str, datetime] = {}  # token -> when its current subscription went live
         self.seen_live: set[str] = set()  # tokens that went live at least once in this process
         self.open_gaps: dict[str, Gap] = {}
@@ -371,7 +390,9 @@ class TradesCollector(Worker):
 
     # -- followed set ---------------------------------------------------------
     def _refresh(self) -> None:
-        """Read the followed set, keep this shard's part, apply it to the sockets."""
+        """Read the followed set, keep this shard's part, apply it to the sockets; close the
+        gaps of tokens dropped from it; adopt the open gaps this shard owns (`_adopt`) and
+        record the debt of dropped tokens past their coverage marks (`_settle`)."""
         from workers.storage import gaps as store
 
         try:
@@ -390,9 +411,11 @@ class TradesCollector(Worker):
         try:
             if added:
                 self._load(added, {t: followed[t][1] for t in added})
+            owed = store.open_gaps(self.db)
+            marks = store.unreleased(self.db)
         except Exception as err:
             self.failure(f"token state: {type(err).__name__}: {err}")
-            log.warning("%s: cannot read coverage for new tokens: %s", self.name, err)
+            log.warning("%s: cannot read coverage or open gaps: %s", self.name, err)
             return
         self.tokens = mine
         _, removed = self.feed.set_tokens(mine)
@@ -404,6 +427,11 @@ class TradesCollector(Worker):
             if gap is not None:
                 gap.ended_at = now
                 self._close_gap(gap)
+            for gap in self.prior_gaps.pop(token, []):  # never went live here: they end now
+                gap.ended_at = gap.ended_at or now
+                self._close_gap(gap)
+        self._adopt(owed, now)
+        self._settle(marks, now)
         self._apply_feed_events()
 
     def _load(self, tokens: list[str], since: dict) -> None:
@@ -417,9 +445,46 @@ class TradesCollector(Worker):
         without = [t for t in fresh if t not in cover]
         if without:
             self.last_trade.update(store.last_trades(self.db, without))
-        for token, started, ended, reason in store.unrecovered(self.db, tokens):
-            if token not in self.seen_live:
-                self.prior_gaps.setdefault(token, []).append((started, ended, reason))
+
+    def _adopt(self, owed: list[tuple], now: datetime) -> None:
+        """Take on the open gaps this shard owns and does not hold yet (see 3. Ownership).
+
+        In order: keep those whose market hashes here; skip those held with the same
+        end (a held open gap whatever its stored end: we close it ourselves); hand one
+        of a followed token not yet live here to its first subscription; close any
+        other at its recorded end (else now) and queue it. Then forget held keys that
+        are neither open in the database nor in memory (recovered and stored).
+        """
+        seen = set()
+        for token, condition, started, ended, reason in owed:
+            if shard_of(condition, token, self.shards) != self.shard:
+                continue
+            key = (token, started)
+            seen.add(key)
+            if key in self.held and (self.held[key] is None or ended is None or ended <= self.held[key]):
+                continue
+            gap = Gap(token, condition or self.tokens.get(token), started, ended, reason or "restart")
+            self.stats["gaps_adopted"] += 1
+            if token in self.tokens and token not in self.seen_live:  # closed at its first subscription
+                self.held[key] = ended
+                self.prior_gaps[token] = [g for g in self.prior_gaps.get(token, []) if g.key != key] + [gap]
+            else:
+                gap.ended_at = ended or now
+                self._close_gap(gap)
+        mem = {g.key for g in self.open_gaps.values()} | {g.key for g in self.backfill.gaps()}
+        mem |= {g.key for gaps in self.prior_gaps.values() for g in gaps}
+        self.held = {k: v for k, v in self.held.items() if k in seen or k in mem}
+
+    def _settle(self, marks: list[tuple], now: datetime) -> None:
+        """The debt of unfollowed tokens of this shard past their coverage mark (trades
+        published before they were dropped that no socket delivered) becomes a gap
+        [mark, now]; the mark is released in _cover once that gap row is durable."""
+        for token, condition, covered in marks:
+            if token in self.tokens or token in self.releasing or shard_of(condition, token, self.shards) != self.shard:
+                continue
+            if covered < now:
+                self._close_gap(Gap(token, condition, covered, now, "unfollowed"))
+            self.releasing[token] = now
 
     # -- coverage and gaps ------------------------------------------------------
     def _apply_feed_events(self) -> None:
@@ -448,8 +513,9 @@ class TradesCollector(Worker):
     def _first_gap(self, token: str, at: datetime) -> None:
         """The gap before this process's first subscription of a token."""
         condition = self.tokens.get(token)
-        for started, ended, reason in self.prior_gaps.pop(token, []):
-            self._close_gap(Gap(token, condition, started, ended or at, reason or "restart"))
+        for gap in self.prior_gaps.pop(token, []):
+            gap.ended_at = gap.ended_at or at
+            self._close_gap(gap)
         if token in self.covered:
             start, reason = self.covered[token], "restart"
         elif token in self.last_trade:
@@ -470,12 +536,14 @@ class TradesCollector(Worker):
                 continue
             gap = Gap(token, self.tokens.get(token), max(since, live), None, why)
             self.open_gaps[token] = gap
+            self.held[gap.key] = None
             rows.append(gap.row(self.shard_label))
         if rows:
             self.writer.add("feed_gaps", rows)
             self.stats["gaps_opened"] += len(rows)
 
     def _close_gap(self, gap: Gap) -> None:
+        self.held[gap.key] = gap.ended_at
         self.writer.add("feed_gaps", [gap.row(self.shard_label)])
         self.backfill.add(gap)
         self.stats["gaps_closed"] += 1
@@ -504,10 +572,13 @@ class TradesCollector(Worker):
                 if not vouched:
                     continue  # nothing timestamped read from this socket yet: it vouches for nothing
                 until = min(mark, _dt(vouched))
-                store.set_coverage(self.db, tokens, until, self.shard_label)
+                store.set_coverage(self.db, tokens, until, self.shard_label, {t: self.tokens.get(t) for t in tokens})
                 for token in tokens:  # forward only, as in feed_coverage
                     if token not in self.covered or until > self.covered[token]:
                         self.covered[token] = until
+            if self.releasing:
+                store.release(self.db, self.releasing)
+                self.releasing = {}
             if self.market_pending:
                 pending, self.market_pending = self.market_pending, []
                 try:
@@ -518,6 +589,9 @@ class TradesCollector(Worker):
         except Exception as err:
             self.failure(f"coverage: {type(err).__name__}: {err}")
             log.warning("%s: coverage not recorded: %s", self.name, err)
+        else:
+            if self.writer.stats().get("db_ok") is not False:
+                self.success()  # what was received is committed and the marks moved
         if len(self.market_seen) > 200_000:
             self.market_seen.clear()
 
@@ -544,9 +618,14 @@ class TradesCollector(Worker):
             self.writer.add("trades", done.trades)
         self.writer.add("feed_gaps", done.gaps)
         self.stats["trades_backfilled"] += len(done.trades)
-        self.stats["gaps_recovered"] += len(done.gaps)
+        self.stats["gaps_recovered"] += sum(1 for g in done.gaps if g["recovered_at"] is not None)
 
     # -- status -----------------------------------------------------------------
+    def _owed(self) -> list[Gap]:
+        """Every gap this process holds and has not recovered: open, adopted, queued."""
+        owed = list(self.open_gaps.values()) + [g for gaps in self.prior_gaps.values() for g in gaps]
+        return owed + (self.backfill.gaps() if self.backfill is not None else [])
+
     def status(self) -> dict:
         counters = dict(self.counters)
         if self.writer is not None:
@@ -556,7 +635,11 @@ class TradesCollector(Worker):
             counters["db_ok"] = wstats.get("db_ok")
         counters.update(self.stats)
         counters["tokens"] = len(self.tokens)
-        counters["gaps_open"] = len(self.open_gaps) + (len(self.backfill) if self.backfill is not None else 0)
+        owed = self._owed()
+        counters["gaps_open"] = len(owed)
+        # Unix time the oldest gap this process owes started (None: it owes none): the
+        # metrics child turns it into collectord_feed_gap_oldest_open_seconds at scrape time.
+        counters["gaps_oldest_open_at"] = round(min(g.started_at for g in owed).timestamp(), 3) if owed else None
         counters["skipped"] = sum(self.skipped.values())
         if self.backfill is not None:
             counters["backfill_requests"] = self.backfill.requests

@@ -13,7 +13,8 @@ text, so two identical fills of one transaction count twice on both sides:
   missing    = expected trades not found
   duplicated = rows beyond what the ledger published for their key (any key,
                expected or not: a row the exchange never published counts too)
-plus gaps opened / recovered / still open (feed_gaps), restarts (spawns beyond
+plus gaps opened / recovered / ended unrecoverable / still owed and the age of the
+oldest owed one at the end (feed_gaps), restarts (spawns beyond
 each supervisor start's first), spool bytes replayed (segments seen on disk
 that were replayed and deleted) and rows rejected (rejected.jsonl lines).
 
@@ -139,7 +140,11 @@ def collect(ledger, dsn: str, *, cutoff_ms: int | None = None, restarts: int = 0
                      " IS NOT DISTINCT FROM %s AND price = %s::numeric AND size = %s::numeric AND side = %s"
                      " ORDER BY ordinal", k)]])
     gaps = _query(dsn, "SELECT count(*), count(recovered_at), count(*) FILTER (WHERE ended_at IS NULL),"
-                       " coalesce(sum(recovered_trades), 0) FROM feed_gaps")[0]
+                       " coalesce(sum(recovered_trades), 0),"
+                       " count(*) FILTER (WHERE unrecoverable IS NOT NULL AND recovered_at IS NULL),"
+                       " count(*) FILTER (WHERE recovered_at IS NULL AND unrecoverable IS NULL),"
+                       " extract(epoch FROM now() - min(started_at) FILTER (WHERE recovered_at IS NULL"
+                       " AND unrecoverable IS NULL)) FROM feed_gaps")[0]
     figures = {
         "ledger_trades": ledger_count,
         "followed_tokens": len(followed),
@@ -154,6 +159,9 @@ def collect(ledger, dsn: str, *, cutoff_ms: int | None = None, restarts: int = 0
         "gaps_recovered": gaps[1],
         "gaps_still_open": gaps[2],
         "gaps_unrecovered": gaps[0] - gaps[1],
+        "gaps_unrecoverable": gaps[4],
+        "gaps_owed": gaps[5],
+        "gaps_oldest_owed_s": round(float(gaps[6]), 1) if gaps[6] is not None else 0.0,
         "trades_recovered_by_backfill": int(gaps[3]),
         "restarts": restarts,
         "spool_bytes_replayed": spool.replayed_bytes() if spool else 0,
@@ -170,7 +178,8 @@ def collect(ledger, dsn: str, *, cutoff_ms: int | None = None, restarts: int = 0
 
 
 ORDER = ["ledger_trades", "followed_tokens", "published_followed", "present", "missing", "duplicated",
-         "rows_in_trades", "rows_ws", "rows_backfill", "gaps_opened", "gaps_recovered", "gaps_still_open",
+         "rows_in_trades", "rows_ws", "rows_backfill", "gaps_opened", "gaps_recovered", "gaps_unrecoverable",
+         "gaps_owed", "gaps_oldest_owed_s", "gaps_still_open",
          "trades_recovered_by_backfill", "restarts", "spool_bytes_replayed", "spool_bytes_peak",
          "spool_bytes_left", "rows_rejected"]
 

@@ -191,13 +191,15 @@ def exchange_fault(sim, journal: Journal, spec: dict) -> None:
 
 
 def quiesce(system: System, direct_dsn: str, timeout: float = 60.0) -> bool:
-    """Wait until every expected child runs, no gap is unrecovered and the spool is empty."""
+    """Wait until every expected child runs, no gap is owed (each recovered or ended
+    unrecoverable) and the spool is empty."""
     expect = system.expected_names()
 
     def settled():
         if not expect <= system.running_names():
             return False
-        open_gaps = query(direct_dsn, "SELECT count(*) FROM feed_gaps WHERE recovered_at IS NULL")[0][0]
+        open_gaps = query(direct_dsn, "SELECT count(*) FROM feed_gaps WHERE recovered_at IS NULL"
+                                      " AND unrecoverable IS NULL")[0][0]
         spooled = sum(p.stat().st_size for p in system.spool_dir.glob("*/*.seg")) if system.spool_dir.exists() else 0
         return open_gaps == 0 and spooled == 0
 

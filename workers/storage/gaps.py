@@ -1,10 +1,11 @@
-"""The trade listener's queries: feed coverage, unrecovered feed_gaps, market events.
+"""The trade listener's queries: feed coverage, open feed_gaps, market events.
 
 Gap rows themselves are written through the Writer (table `feed_gaps`, key
 (token_id, started_at), merged so a later write fills in ended_at/recovered_at):
 they then share the spool with the trades when PostgreSQL is down. This module
-holds the reads a listener needs at start and on each followed-set refresh, and
-the two small writes that are not rows of a Writer table (migration 0020).
+holds the reads a listener needs at start and on each followed-set refresh, the
+gap figures the status and the demo show, and the two small writes that are not
+rows of a Writer table (migration 0020).
 Every function takes a `workers.storage.db.Database` (one connection, opened after
 the fork) and raises psycopg2 errors to the caller, which retries on its next turn.
 """
@@ -35,17 +36,44 @@ def coverage(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
     return dict(rows)
 
 
-def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str) -> int:
-    """Move the coverage mark of tokens forward to `until` (never backwards)."""
+def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str,
+                 conditions: dict[str, str | None] | None = None) -> int:
+    """Move the coverage mark of tokens forward to `until` (never backwards); a mark that
+    moves is live again (released_at cleared). `conditions`: token -> its market."""
     if not tokens:
         return 0
+    conditions = conditions or {}
     return db.execute(
-        "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at)"
-        " SELECT t, %s, %s, now() FROM unnest(%s::text[]) AS t"
+        "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at, condition_id)"
+        " SELECT t, %s, %s, now(), c FROM unnest(%s::text[], %s::text[]) AS u(t, c)"
         " ON CONFLICT (token_id) DO UPDATE SET covered_until = EXCLUDED.covered_until,"
-        " shard = EXCLUDED.shard, updated_at = now()"
+        " shard = EXCLUDED.shard, updated_at = now(), released_at = NULL,"
+        " condition_id = COALESCE(EXCLUDED.condition_id, feed_coverage.condition_id)"
         " WHERE feed_coverage.covered_until < EXCLUDED.covered_until",
-        (until, shard, tokens),
+        (until, shard, tokens, [conditions.get(t) for t in tokens]),
+    )
+
+
+def unreleased(db: Database) -> list[tuple[str, str | None, datetime]]:
+    """Coverage marks of tokens nobody follows that are not settled yet:
+    (token_id, condition_id, covered_until). What lies after such a mark is owed."""
+    return db.query(
+        "SELECT c.token_id, COALESCE(c.condition_id, t.condition_id), c.covered_until FROM feed_coverage c"
+        " LEFT JOIN tokens t ON t.token_id = c.token_id WHERE c.released_at IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM followed_tokens f WHERE f.token_id = c.token_id)"
+    )
+
+
+def release(db: Database, until: dict[str, datetime]) -> int:
+    """Settle the marks of unfollowed tokens whose debt is now a durable gap ending at `until`."""
+    if not until:
+        return 0
+    tokens = sorted(until)
+    return db.execute(
+        "UPDATE feed_coverage c SET released_at = now(), covered_until = GREATEST(c.covered_until, u.until),"
+        " updated_at = now() FROM unnest(%s::text[], %s::timestamptz[]) AS u(t, until)"
+        " WHERE c.token_id = u.t AND c.released_at IS NULL",
+        (tokens, [until[t] for t in tokens]),
     )
 
 
@@ -58,13 +86,39 @@ def last_trades(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
     return {token: ts for token, ts in rows if ts is not None}
 
 
-def unrecovered(db: Database, tokens: Iterable[str]) -> list[tuple[str, datetime, datetime | None, str | None]]:
-    """Gaps of these tokens not yet recovered: (token_id, started_at, ended_at, reason)."""
+# A gap is owed until it is recovered or ends unrecoverable (migration 0021).
+OPEN = "g.recovered_at IS NULL AND g.unrecoverable IS NULL"
+
+
+def open_gaps(db: Database) -> list[tuple[str, str | None, datetime, datetime | None, str | None]]:
+    """Every open gap, followed or not: (token_id, condition_id, started_at, ended_at, reason).
+
+    The market is the gap row's own, else the followed set's or the tokens table's
+    for that token (rows written before migration 0021 may lack it). Oldest first.
+    """
     return db.query(
-        "SELECT token_id, started_at, ended_at, reason FROM feed_gaps"
-        " WHERE recovered_at IS NULL AND token_id = ANY(%s) ORDER BY started_at",
-        (list(tokens),),
+        "SELECT g.token_id, COALESCE(g.condition_id, f.condition_id, t.condition_id), g.started_at, g.ended_at,"
+        " g.reason FROM feed_gaps g LEFT JOIN followed_tokens f ON f.token_id = g.token_id"
+        f" LEFT JOIN tokens t ON t.token_id = g.token_id WHERE {OPEN} ORDER BY g.started_at"
     )
+
+
+def debt(db: Database) -> tuple[int, datetime | None]:
+    """(gaps open, started_at of the oldest open one): what a stopped run still owes. Cheap
+    (the partial index of migration 0021), for `collectord status`."""
+    return db.query(f"SELECT count(*), min(g.started_at) FROM feed_gaps g WHERE {OPEN}")[0]
+
+
+def figures(db: Database) -> dict:
+    """Gap figures over the whole table: opened, recovered, unrecoverable, open and the
+    oldest open gap's start (a full scan: for summaries, not for every status call)."""
+    (opened, recovered, unrecoverable, still_open, oldest, trades), = db.query(
+        "SELECT count(*), count(g.recovered_at), count(*) FILTER (WHERE g.unrecoverable IS NOT NULL"
+        f" AND g.recovered_at IS NULL), count(*) FILTER (WHERE {OPEN}), min(g.started_at) FILTER (WHERE {OPEN}),"
+        " coalesce(sum(g.recovered_trades), 0) FROM feed_gaps g"
+    )
+    return {"opened": opened, "recovered": recovered, "unrecoverable": unrecoverable, "open": still_open,
+            "oldest_open_started_at": oldest, "trades_recovered": int(trades)}
 
 
 def record_market_events(db: Database, events: list[dict], received_at: datetime) -> int:

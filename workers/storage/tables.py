@@ -241,7 +241,24 @@ RESOLUTIONS = Table(
 )
 
 # -- feed_gaps --------------------------------------------------------------------
-_GAP_DATA = ["ended_at", "reason", "recovered_at", "recovered_trades", "shard"]
+# Re-recording a gap fills in what is now known (end, recovery, market), never erases
+# it. Two processes may write one gap (an adopter that recovered it while its old
+# owner, still closing, records a later end): the end only ever grows, and a
+# recovery counts only for the end it was fetched for, so a gap re-recorded with a
+# later end is owed again (recovered_at NULL) until someone fetches the wider window.
+_GAP_SET = {
+    "ended_at": "GREATEST(feed_gaps.ended_at, EXCLUDED.ended_at)",
+    "reason": "COALESCE(EXCLUDED.reason, feed_gaps.reason)",
+    "recovered_at": (
+        "CASE WHEN EXCLUDED.ended_at > feed_gaps.ended_at AND EXCLUDED.recovered_at IS NULL THEN NULL"
+        " WHEN EXCLUDED.ended_at < feed_gaps.ended_at THEN feed_gaps.recovered_at"
+        " ELSE COALESCE(EXCLUDED.recovered_at, feed_gaps.recovered_at) END"
+    ),
+    "recovered_trades": "COALESCE(EXCLUDED.recovered_trades, feed_gaps.recovered_trades)",
+    "shard": "COALESCE(EXCLUDED.shard, feed_gaps.shard)",
+    "condition_id": "COALESCE(EXCLUDED.condition_id, feed_gaps.condition_id)",
+    "unrecoverable": "COALESCE(EXCLUDED.unrecoverable, feed_gaps.unrecoverable)",
+}
 FEED_GAPS = Table(
     "feed_gaps",
     (
@@ -252,13 +269,15 @@ FEED_GAPS = Table(
         ("recovered_at", "timestamptz"),
         ("recovered_trades", "int"),
         ("shard", "text"),
+        ("condition_id", "text"),
+        ("unrecoverable", "text"),
     ),
     key=("token_id", "started_at"),
     merge=True,
-    # Re-recording a gap fills in what is now known (end, recovery), never erases it.
     conflict=(
-        f"ON CONFLICT (token_id, started_at) DO UPDATE SET {_merge_set('feed_gaps', _GAP_DATA, True)}"
-        f" WHERE {_changed('feed_gaps', _GAP_DATA, True)}"
+        "ON CONFLICT (token_id, started_at) DO UPDATE SET "
+        + ", ".join(f"{c} = {e}" for c, e in _GAP_SET.items())
+        + f" WHERE ({', '.join(f'feed_gaps.{c}' for c in _GAP_SET)}) IS DISTINCT FROM ({', '.join(_GAP_SET.values())})"
     ),
 )
 
