@@ -178,7 +178,11 @@ _valid_tokens = _Valid()
 _valid_markets = _Valid()
 _valid_prices = _Valid()
 _valid_fees = _Valid((None,))
-_ts_texts: dict[str, str] = {}  # 13-digit ms string -> its timestamptz text
+# 13-digit ms string -> its timestamptz text. Small on purpose: a busy feed repeats only
+# the last few milliseconds (tens of trades each), so a larger memo hits no more often and
+# costs a cache miss a trade (measured: 200,000 entries made parse ~20% slower live).
+_ts_texts: dict[str, str] = {}
+TS_MEMO = 2048
 
 
 def is_hex_id(value: Any) -> bool:
@@ -253,7 +257,7 @@ def _trade(msg: dict) -> list:
     if row[8] is not None and row[8] == fee:
         _valid_fees.remember(fee)
     if type(raw_ts) is str and len(raw_ts) == 13:
-        if len(_ts_texts) >= 200_000:
+        if len(_ts_texts) >= TS_MEMO:
             _ts_texts.clear()
         _ts_texts[raw_ts] = row[2]
     return row
@@ -474,7 +478,7 @@ def _fast(items: list, out: Parsed) -> None:
             ts = x.timestamp
             text = ts_texts.get(ts)
             if text is None and len(ts) == 13 and ts.isascii() and ts.isdigit():
-                if len(ts_texts) >= 200_000:
+                if len(ts_texts) >= TS_MEMO:
                     ts_texts.clear()
                 text = ts_texts[ts] = ms_text(ts)
             tx = x.transaction_hash
