@@ -385,3 +385,17 @@ def test_numbering_rows_matches_numbering_dicts():
     assert max(int(r[ORDINAL]) for r in rows) == 89 and all(r[RECEIVED_AT] == "R" for r in rows)
     no_tx = [[TOKEN, COND, "2024-08-25T05:35:36.087+00:00", "0.491", "5", "SELL", None, None, None, "ws", None]] * 2
     by_row.number([list(r) for r in no_tx], "R")  # keyed by ts: no crash, counted separately from tx fills
+
+
+def test_fills_in_adjacent_reads_meet_however_long_the_pause_between():
+    """One rotation per loop turn: a fill read just before the process stood still (SIGSTOP,
+    a slow commit) still numbers its twin read just after, whatever the pause."""
+    clock = [0.0]
+    ordinals = Ordinals(memory=30, clock=lambda: clock[0])
+    first = [[TOKEN, COND, "t", "0.5", "10", "BUY", "0xa", None, "0", "ws", None]]
+    ordinals.number(first, "R")
+    clock[0] = 3600.0  # an hour stopped between two reads
+    ordinals.maybe_rotate()  # the loop turn between them
+    second = [[TOKEN, COND, "t", "0.5", "10", "BUY", "0xa", None, "0", "ws", None]]
+    ordinals.number(second, "R")
+    assert (first[0][7], second[0][7]) == ("0", "1")

@@ -115,9 +115,14 @@ log = logging.getLogger(__name__)
 UTC = timezone.utc
 # Seconds a transaction's live repeat counts are kept (between this and twice this). All
 # fills of one transaction come from one match and are published together, so they
-# arrive within seconds of each other; a fill arriving later than this would re-use an
-# ordinal and be dropped (an under-count), never stored twice.
-ORDINAL_MEMORY = 120.0
+# arrive in one frame or adjacent ones; a fill arriving later than this would re-use an
+# ordinal and be dropped (an under-count), never stored twice. The clock is this
+# process's and the memory rotates at most once per loop turn, so fills delivered in
+# adjacent reads always meet, however long the process was stopped between them. Kept
+# short because the memory grows with the rate (~100 bytes a trade: 30-60 s at 20,000
+# trades/s is 60-120 MB; the 2-4 minutes used before were 240-480 MB, and every lookup
+# into a table that size misses the CPU's caches).
+ORDINAL_MEMORY = 30.0
 
 
 def shard_of(condition_id: str | None, token_id: str, shards: int) -> int:
