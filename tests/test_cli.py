@@ -376,3 +376,15 @@ def test_no_collector_enabled_is_a_config_error(env):
         r = env.cli(command)
         assert r.returncode == 78
         assert r.stderr.strip() == f"collectord: {env.conf}: no collector is enabled (every [collector:NAME] has enabled = no)"
+
+
+# -- a new user's first hour (issue 15) ------------------------------------------------
+
+
+def test_an_unknown_collector_option_is_named_once_with_a_hint(env):
+    env.write(collectors="[collector:tick]\ntarget = tests.cli_targets:Ticker\nintervall = 0.2\n")
+    for command in ("check", "start"):
+        r = env.cli(command)
+        assert r.returncode == 78
+        assert r.stderr == (f"collectord: {env.conf}, [collector:tick], intervall: unknown option "
+                            "(did you mean interval? Ticker takes: interval)\n")
