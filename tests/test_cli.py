@@ -381,6 +381,50 @@ def test_no_collector_enabled_is_a_config_error(env):
 # -- a new user's first hour (issue 15) ------------------------------------------------
 
 
+def _raw_cli(env: Env, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI with exactly these arguments (Env.cli puts -c before the command)."""
+    return subprocess.run([sys.executable, "-m", "collectord", *args], capture_output=True, text=True,
+                          timeout=60, env=env.env(), cwd=str(env.base), **kwargs)
+
+
+def test_config_option_is_accepted_after_the_command_too(env):
+    r = _raw_cli(env, "start", "-c", str(env.conf))
+    assert r.returncode == 0, r.stderr
+    pid = env.file_pid()
+    for args in (("status", "-c", str(env.conf)), ("status", "--json", "--config", str(env.conf)),
+                 ("-c", "/nonexistent.conf", "status", "-c", str(env.conf))):  # after the command wins
+        r = _raw_cli(env, *args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert str(pid) in r.stdout and r.stderr == ""
+    r = _raw_cli(env, "db", "upgrade", "-c", str(env.conf))
+    assert r.returncode == 0, r.stderr
+    r = _raw_cli(env, "stop", "-c", str(env.conf))
+    assert r.returncode == 0 and r.stdout.startswith(f"collectord stopped (pid {pid}"), r.stderr
+
+
+def _status_into_closed_pipe(env: Env, *args: str) -> tuple[int, str]:
+    """status whose reader has gone before it writes a byte (what `| head -1` does to the
+    rest of the output); its exit code and stderr."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "collectord", "-c", str(env.conf), "status", *args],
+                            stdout=w, stderr=subprocess.PIPE, text=True, env=env.env(), cwd=str(env.base))
+    os.close(w)
+    os.close(r)  # long before the interpreter is up: its first write meets EPIPE
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_status_into_a_closed_pipe_keeps_its_lsb_code(env):
+    assert _status_into_closed_pipe(env) == (3, "")
+    pid = _start(env)
+    assert _status_into_closed_pipe(env) == (0, "")
+    assert _status_into_closed_pipe(env, "--json") == (0, "")
+    # And what `| head -1` shows is the first line, with status's code under pipefail.
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m collectord -c {env.conf} status | head -1"],
+                       capture_output=True, text=True, timeout=60, env=env.env(), cwd=str(env.base))
+    assert r.returncode == 0 and r.stdout.startswith(f"collectord is running (pid {pid}") and r.stderr == ""
+
+
 def test_an_unknown_collector_option_is_named_once_with_a_hint(env):
     env.write(collectors="[collector:tick]\ntarget = tests.cli_targets:Ticker\nintervall = 0.2\n")
     for command in ("check", "start"):
