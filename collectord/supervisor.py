@@ -1033,6 +1033,8 @@ class Supervisor:
             "updated_at": round(wall, 3),
             "config": self.config.path,
             "dsn": redact_dsn(self.dsn),
+            # The embedded server's data directory; None when the dsn names a server.
+            "pgdata": self.config.pgdata if self._embedded_stop is not None else None,
             "state": "stopping" if self.stopping else "running",
             "children": children,
         }

@@ -425,6 +425,57 @@ def test_status_into_a_closed_pipe_keeps_its_lsb_code(env):
     assert r.returncode == 0 and r.stdout.startswith(f"collectord is running (pid {pid}") and r.stderr == ""
 
 
+def test_status_names_the_config_the_daemon_runs_with(env):
+    pid = _start(env)
+    other = env.base / "other.conf"  # another file naming the same PID file
+    other.write_text(env.conf.read_text())
+    assert wait_for(lambda: env.status_path.exists(), 10)
+    r = _raw_cli(env, "status", "-c", str(other))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"collectord is running (pid {pid}, up ") and lines[0].endswith(f", config {env.conf})")
+    assert lines[1] == f"note: it runs with {env.conf}, not {other}"
+    r = env.cli("status")
+    assert not any(line.startswith("note:") for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("broken", ["missing", "unreadable", "unparsable"])
+def test_an_unusable_config_never_says_not_running(env, broken):
+    pid = _start(env)
+    bad = env.base / "bad.conf"
+    if broken == "unreadable":
+        bad.mkdir()  # root reads any file: a directory is what cannot be read here
+    elif broken == "unparsable":
+        bad.write_text("pidfile = /somewhere/else.pid\nthis is not INI\n")
+    r = _raw_cli(env, "status", "-c", str(bad))
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"collectord: {bad}")
+    assert "cannot tell whether collectord runs" in r.stderr
+    assert _raw_cli(env, "status", "--json", "-c", str(bad)).returncode == 4
+    r = _raw_cli(env, "stop", "-c", str(bad))
+    assert r.returncode == 6 and "nothing stopped" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "not running" not in r.stdout + r.stderr
+    time.sleep(0.2)
+    assert alive(pid) and env.file_pid() == pid
+
+
+def test_a_typod_config_shows_the_running_daemons_database(env, pg_dsn):
+    pid = _start(env)
+    assert wait_for(lambda: env.status_path.exists(), 10)
+    typo = env.base / "typo.conf"
+    typo.write_text(env.conf.read_text().replace("graceful_timeout = 5", "graceful_timout = 5"))
+    r = _raw_cli(env, "status", "-c", str(typo))
+    assert r.returncode == 0 and "graceful_timout: unknown key" in r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"collectord is running (pid {pid}") and f"config {env.conf})" in lines[0]
+    assert lines[2] == f"database: {pg_dsn} password=***"
+    assert PASSWORD not in r.stdout + r.stderr
+    # With no daemon, nothing is made up from the broken file's defaults either.
+    env.cli("stop")
+    r = _raw_cli(env, "status", "-c", str(typo))
+    assert r.returncode == 3 and r.stdout.splitlines()[0] == "collectord is not running"
+
+
 def test_an_unknown_collector_option_is_named_once_with_a_hint(env):
     env.write(collectors="[collector:tick]\ntarget = tests.cli_targets:Ticker\nintervall = 0.2\n")
     for command in ("check", "start"):
