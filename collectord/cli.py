@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Config file: -c (before or after the command), else $COLLECTORD_CONFIG, else "
             "/etc/collectord/collectord.conf, else built-in defaults. Exit codes: 0 ok, 1 failure, "
-            "3 not running (status), 78 configuration error."
+            "3 not running (status), 4 status unknown (status), 6 not configured (stop), "
+            "78 configuration error."
         ),
     )
     parser.add_argument("-c", "--config", metavar="CONFIG", help="path of the INI configuration file")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SIGHUP: re-read config, reopen logs, restart changed collectors")
 
     p = sub.add_parser("status", parents=common,
-                       help="per-collector table; exit 0 running, 1 dead with PID file, 3 stopped")
+                       help="per-collector table; exit 0 running, 1 dead with PID file, 3 stopped, 4 unknown")
     p.add_argument("--json", action="store_true", help="print status.json as JSON")
 
     sub.add_parser("check", parents=common, help="validate the config and reach the database and the exchange")
@@ -62,11 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", metavar="DB_COMMAND")
     dbsub.required = True
     dbsub.add_parser("upgrade", parents=common, help="apply schema migrations (start does it too)")
+    dbsub.add_parser("serve", parents=common,
+                     help="run only the embedded PostgreSQL (empty dsn), in the foreground until Ctrl-C, "
+                          "and print how to connect: to query a stopped run's data, such as the demo's")
 
     p = sub.add_parser("demo", help="offline demo: polysim + embedded PostgreSQL, in the foreground")
     p.add_argument("--dir", metavar="D", default=None,
-                   help="directory for the demo's database, logs and PID file "
-                        "(default: collectord-demo in the system temp directory)")
+                   help="directory for this run's database, logs and PID file; it must not hold an "
+                        "earlier run's data (default: a new run-TIME directory under collectord-demo "
+                        "in the system temp directory, so earlier runs are kept)")
     p.add_argument("--seconds", type=float, default=None, metavar="S",
                    help="stop by itself after S seconds (default: run until Ctrl-C)")
     return parser

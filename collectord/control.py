@@ -24,7 +24,6 @@ import signal
 import stat
 import sys
 import time
-import warnings
 from typing import TextIO
 
 from collectord import config as config_mod
@@ -75,6 +74,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if command == "check":
         return cmd_check(config, out=out)
     if command == "db":
+        if args.db_command == "serve":
+            from collectord import embedded
+
+            return embedded.serve(config, out=out)
         return cmd_db_upgrade(config, out=out)
     if command == "demo":
         if importlib.util.find_spec("collectord.demo") is None:
@@ -534,13 +537,11 @@ def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
         dsn = (doc or {}).get("dsn") or ""
     try:
         if not dsn:
-            from workers.storage import embedded as embedded_mod
+            from collectord import embedded as embedded_mod
 
             try:
-                with warnings.catch_warnings():  # the wheel's platformdirs chatter is not ours to print
-                    warnings.simplefilter("ignore")
-                    embedded = embedded_mod.start(config.pgdata)
-            except Exception as err:
+                embedded = embedded_mod.start(config.pgdata)
+            except CollectordError as err:
                 raise CollectordError(f"db upgrade: {err}") from None
             dsn = embedded.uri
         try:

@@ -483,3 +483,15 @@ def test_an_unknown_collector_option_is_named_once_with_a_hint(env):
         assert r.returncode == 78
         assert r.stderr == (f"collectord: {env.conf}, [collector:tick], intervall: unknown option "
                             "(did you mean interval? Ticker takes: interval)\n")
+
+
+def test_db_serve_refuses_what_it_cannot_serve(env):
+    r = env.cli("db", "serve")  # the dsn names a server
+    assert r.returncode == 1 and r.stderr.startswith("collectord: db serve: dsn = ") and "password=***" in r.stderr
+    assert PASSWORD not in r.stderr and len(r.stderr.splitlines()) == 1
+    env.write(dsn="")
+    r = env.cli("db", "serve")  # embedded, but never created: no empty cluster made by mistake
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"collectord: db serve: no database under {env.data_dir / 'pgdata'} yet "
+                                "(`collectord start` or `collectord db upgrade` creates it)")
+    assert not (env.data_dir / "pgdata").exists()
