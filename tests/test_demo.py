@@ -294,3 +294,18 @@ def test_demo_never_wipes_an_earlier_runs_data(tmp_path):
     assert f"{directory} holds an earlier run's data" in proc.stderr and "db serve" in proc.stderr
     assert (pgdata / "PG_VERSION").read_text() == "earlier run\n"
     assert not (directory / "log" / "polysim.log").exists()
+
+
+def test_the_readme_newcomer_path_ends_with_the_query_the_demo_prints():
+    """The README shows the summary's two query commands in the very shape the demo prints
+    them (the test above runs the demo's own lines)."""
+    readme = (ROOT / "README.md").read_text()
+    path = readme.split("## Two commands", 1)[1].split("## Running it for real", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", path, re.S)
+    assert len(blocks) == 2 and "collectord demo" in blocks[0], blocks
+    serve, query = blocks[1].strip().splitlines()
+    m = re.fullmatch(r"\S+/collectord -c (/tmp/collectord-demo/run-\d{8}-\d{6})/collectord\.conf db serve", serve)
+    assert m, serve
+    run = m.group(1)
+    assert query == (f"psql 'postgresql://postgres@/collectord?host={run}/data/pgdata&port=5432' "
+                     "-c 'SELECT count(*) FROM trades'")
