@@ -51,6 +51,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     cli_path = os.path.abspath(args.config) if getattr(args, "config", None) else None
     # Absolute, so the daemon (cwd /) re-reads the same file on SIGHUP.
     command = args.command
+    if command == "demo":  # it writes a config of its own: a broken /etc or $COLLECTORD_CONFIG is not its business
+        return _demo(args)
     try:
         config = config_mod.load(cli_path)
     except ConfigError as err:
@@ -79,13 +81,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
             return embedded.serve(config, out=out)
         return cmd_db_upgrade(config, out=out)
-    if command == "demo":
-        if importlib.util.find_spec("collectord.demo") is None:
-            raise CollectordError("demo is not available in this installation (collectord.demo is missing)")
-        from collectord import demo  # type: ignore[attr-defined]
-
-        return demo.run(args, config)
     raise CollectordError(f"unknown command {command!r}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("collectord.demo") is None:
+        raise CollectordError("demo is not available in this installation (collectord.demo is missing)")
+    from collectord import demo  # type: ignore[attr-defined]
+
+    return demo.run(args)
 
 
 def _fallback_config(cli_path: str | None, err: ConfigError, command: str) -> Config:

@@ -287,8 +287,10 @@ def test_demo_never_wipes_an_earlier_runs_data(tmp_path):
     pgdata = directory / "data" / "pgdata"
     pgdata.mkdir(parents=True)
     (pgdata / "PG_VERSION").write_text("earlier run\n")
+    broken = tmp_path / "broken.conf"  # the demo writes its own config: a broken one elsewhere is not its business
+    broken.write_text("not INI\n")
     proc = subprocess.run(demo_cmd(directory, "--seconds", "1"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ, COLLECTORD_CONFIG=""))
+                          timeout=60, env=dict(os.environ, COLLECTORD_CONFIG=str(broken)))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
     assert f"{directory} holds an earlier run's data" in proc.stderr and "db serve" in proc.stderr
