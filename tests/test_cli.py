@@ -495,3 +495,23 @@ def test_db_serve_refuses_what_it_cannot_serve(env):
     assert r.stderr.strip() == (f"collectord: db serve: no database under {env.data_dir / 'pgdata'} yet "
                                 "(`collectord start` or `collectord db upgrade` creates it)")
     assert not (env.data_dir / "pgdata").exists()
+
+
+def test_the_database_line_is_the_running_daemons(tmp_path):
+    """Pure: status.json's dsn and pgdata win over the caller's config; a broken config
+    with no daemon to ask says it cannot tell."""
+    import dataclasses
+
+    from collectord import config as config_mod
+
+    mine = config_mod.parse(f"[collectord]\ndsn = host=elsewhere password={PASSWORD}\n", "/etc/c.conf")
+    broken = dataclasses.replace(config_mod.parse("", "/etc/typo.conf"), broken="typo")
+    uri = "postgresql://postgres@/collectord?host=/srv/demo/data/pgdata&port=5432"
+    embedded = {"dsn": uri, "pgdata": "/srv/demo/data/pgdata"}
+    served = {"dsn": "host=db password=***", "pgdata": None}
+    for config in (mine, broken):
+        assert control._database_line(config, embedded) == (
+            f"database: embedded PostgreSQL under /srv/demo/data/pgdata; connect with: psql '{uri}'")
+        assert control._database_line(config, served) == "database: host=db password=***"
+    assert control._database_line(broken, None) == "database: unknown (/etc/typo.conf is broken)"
+    assert control._database_line(mine, None) == "database: host=elsewhere password=***"
