@@ -454,8 +454,11 @@ def _tail(path: Path) -> str:
 
 
 def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | None) -> int:
+    from collectord.embedded import has_cluster, psql_command
+
     pgdata = directory / "data" / "pgdata"
-    counts, uri, gaps = final_counts(pgdata) if pgdata.exists() else (None, "no database was created", None)
+    created = has_cluster(pgdata)
+    counts, uri, gaps = final_counts(pgdata) if created else (None, "no database was created", None)
     print("")
     print(f"collectord demo: supervisor exited with status {code}" + (f" after {stopped_by}" if stopped_by else ""))
     if counts is None:
@@ -468,11 +471,10 @@ def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | No
             print(f"  {table:<20} {'(missing)' if value is None else value:>8}")
         if gaps is not None:
             print(gap_line(gaps, time.time()))
-    from collectord.embedded import psql_command
-
-    print(f"data: embedded PostgreSQL, data directory {pgdata}, database collectord "
-          "(kept; polysim and the collectors stopped with the demo)")
-    print(f"  serve it:  {self_command()} -c {conf} db serve   (the database only, until Ctrl-C)")
-    print(f"  query it, from another terminal meanwhile:  {psql_command(uri)} -c 'SELECT count(*) FROM trades'")
+    if created:
+        print(f"data: embedded PostgreSQL, data directory {pgdata}, database collectord "
+              "(kept; polysim and the collectors stopped with the demo)")
+        print(f"  serve it:  {self_command()} -c {conf} db serve   (the database only, until Ctrl-C)")
+        print(f"  query it, from another terminal meanwhile:  {psql_command(uri)} -c 'SELECT count(*) FROM trades'")
     print(f"logs: {directory / 'log' / 'collectord.log'}   config: {conf}")
     return 0 if code == 0 and counts is not None else 1
