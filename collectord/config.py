@@ -127,6 +127,9 @@ class Config:
     exchange: Exchange
     selection: Selection
     collectors: tuple[CollectorConfig, ...]
+    # Set only on the stand-in status/stop build when the file is broken: its error.
+    # Then only pidfile (and what derives from it) is the file's; the rest is defaults.
+    broken: str = ""
 
     @property
     def status_path(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import dataclasses
 import importlib.util
 import json
 import math
@@ -23,7 +24,6 @@ import signal
 import stat
 import sys
 import time
-import warnings
 from typing import TextIO
 
 from collectord import config as config_mod
@@ -36,7 +36,9 @@ from collectord.errors import (
     EX_OK,
     CollectordError,
     ConfigError,
+    NotConfigured,
     NotRunning,
+    StatusUnknown,
     StopTimeout,
 )
 
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     cli_path = os.path.abspath(args.config) if getattr(args, "config", None) else None
     # Absolute, so the daemon (cwd /) re-reads the same file on SIGHUP.
     command = args.command
+    if command == "demo":  # it writes a config of its own: a broken /etc or $COLLECTORD_CONFIG is not its business
+        return _demo(args)
     try:
         config = config_mod.load(cli_path)
     except ConfigError as err:
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise
         # A broken config must not keep an operator from stopping or watching the
         # daemon that runs with the previous one: find its PID file and go on.
-        config = _fallback_config(cli_path, err)
+        config = _fallback_config(cli_path, err, command)
     if command == "start":
         return cmd_start(config, foreground=args.foreground, out=out)
     if command == "stop":
@@ -72,34 +76,48 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if command == "check":
         return cmd_check(config, out=out)
     if command == "db":
-        return cmd_db_upgrade(config, out=out)
-    if command == "demo":
-        if importlib.util.find_spec("collectord.demo") is None:
-            raise CollectordError("demo is not available in this installation (collectord.demo is missing)")
-        from collectord import demo  # type: ignore[attr-defined]
+        if args.db_command == "serve":
+            from collectord import embedded
 
-        return demo.run(args, config)
+            return embedded.serve(config, out=out)
+        return cmd_db_upgrade(config, out=out)
     raise CollectordError(f"unknown command {command!r}")
 
 
-def _fallback_config(cli_path: str | None, err: ConfigError) -> Config:
-    """Defaults plus the file's [collectord] pidfile, read leniently; warns on stderr."""
+def _demo(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("collectord.demo") is None:
+        raise CollectordError("demo is not available in this installation (collectord.demo is missing)")
+    from collectord import demo  # type: ignore[attr-defined]
+
+    return demo.run(args)
+
+
+def _fallback_config(cli_path: str | None, err: ConfigError, command: str) -> Config:
+    """Defaults plus the file's [collectord] pidfile, read leniently; warns on stderr.
+
+    Only when the file can be read as INI is its PID file known (the one it names,
+    or the default when it names none). A missing, unreadable or unparsable file
+    leaves it unknown: then nothing may be reported as "not running" (the daemon
+    may run with a PID file named in that very file), so status raises
+    StatusUnknown (4) and stop NotConfigured (6).
+    """
     path = config_mod.resolve_path(cli_path)
-    pidfile_path = None
-    if path:
-        raw = configparser.ConfigParser(interpolation=None, strict=False)
-        try:
-            raw.read(path, encoding="utf-8")
-            pidfile_path = raw.get("collectord", "pidfile", fallback=None)
-        except (configparser.Error, OSError, UnicodeDecodeError):
-            pass
-    text = f"[collectord]\npidfile = {pidfile_path}\n" if pidfile_path and "\n" not in pidfile_path else ""
+    unknown = StatusUnknown if command == "status" else NotConfigured
+    verb = "cannot tell whether collectord runs" if command == "status" else "nothing stopped"
+    raw = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw.read_file(fh, source=path)
+        pidfile_path = raw.get("collectord", "pidfile", fallback=None)
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        raise unknown(f"{err}: the PID file it names is unknown, so {verb}") from None
+    text = f"[collectord]\npidfile = {pidfile_path}\n" if pidfile_path is not None else ""
     try:
         config = config_mod.parse(text, path)
     except ConfigError:
-        config = config_mod.parse("", path)
+        raise unknown(f"{err}: the PID file it names is unusable, so {verb}") from None
     print(f"collectord: warning: {err}; using PID file {config.pidfile}", file=sys.stderr)
-    return config
+    return dataclasses.replace(config, broken=str(err))
 
 
 # -- start / stop / reload ------------------------------------------------------------
@@ -297,12 +315,29 @@ def status_lines(doc: dict, now: float) -> list[str]:
 
 
 def _database_line(config: Config, doc: dict | None) -> str:
+    """Where the data goes: the running daemon's own view (status.json) when there is
+    one, so a caller's different or broken config cannot make it up; else the config's."""
+    uri = redact_dsn(str((doc or {}).get("dsn") or ""))
+    if uri:
+        pgdata = doc.get("pgdata")
+        if pgdata or ("pgdata" not in doc and not config.broken and not config.dsn):
+            return f"database: embedded PostgreSQL under {pgdata or config.pgdata}; connect with: psql '{uri}'"
+        return f"database: {uri}"
+    if config.broken:
+        return f"database: unknown ({config.path} is broken)"
     if config.dsn:
         return f"database: {redact_dsn(config.dsn)}"
-    uri = (doc or {}).get("dsn")
-    if uri:
-        return f"database: embedded PostgreSQL under {config.pgdata}; connect with: psql '{redact_dsn(uri)}'"
     return f"database: embedded PostgreSQL under {config.pgdata} (started by `collectord start`)"
+
+
+def _debt_dsn(config: Config, doc: dict | None, running: bool) -> str:
+    """The DSN to read the feed gap debt from: the config's, unless the running daemon
+    uses another database; the daemon's (redacted) DSN only when it holds no password."""
+    daemon = str((doc or {}).get("dsn") or "") if running else ""
+    mine = "" if config.broken else config.dsn
+    if mine and (not daemon or redact_dsn(mine) == daemon):
+        return mine
+    return daemon if daemon and redact_dsn(daemon) == daemon and "***" not in daemon else ""
 
 
 def feed_gap_debt(dsn: str) -> dict | None:
@@ -352,7 +387,7 @@ def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
     else:
         code = STATUS_DEAD if probe.exists else STATUS_STOPPED
     # The debt is read from the database: also a stopped run's (an embedded one only while it runs).
-    dsn = config.dsn or ((doc or {}).get("dsn") if code == STATUS_RUNNING else "")
+    dsn = _debt_dsn(config, doc, code == STATUS_RUNNING)
     debt = feed_gap_debt(dsn) if dsn else None
     if as_json:
         if code == STATUS_RUNNING and doc is not None:
@@ -381,10 +416,14 @@ def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
     head = f"collectord is running (pid {probe.pid}"
     if doc is not None and isinstance(doc.get("started_at"), (int, float)):
         head += f", up {_age(now - doc['started_at'])}"
-    head += f", config {config.path or 'built-in defaults'})"
+    # The daemon's own config (it may differ from the caller's: two files naming one PID file).
+    running_with = doc.get("config") if doc is not None else config.path
+    head += f", config {running_with or 'built-in defaults'})"
     if doc is not None and doc.get("state") == "stopping":
         head += " - stopping"
     print(head, file=out)
+    if doc is not None and config.path and running_with and not _same_file(config.path, running_with):
+        print(f"note: it runs with {running_with}, not {config.path}", file=out)
     print(_database_line(config, doc), file=out)
     if doc is None:
         print(f"no status yet ({config.status_path})", file=out)
@@ -397,6 +436,13 @@ def cmd_status(config: Config, *, as_json: bool, out: TextIO) -> int:
     if isinstance(updated, (int, float)):
         print(f"(status written {_age(now - updated)} ago)", file=out)
     return code
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 # -- check / db upgrade -----------------------------------------------------------------
@@ -495,13 +541,11 @@ def cmd_db_upgrade(config: Config, *, out: TextIO) -> int:
         dsn = (doc or {}).get("dsn") or ""
     try:
         if not dsn:
-            from workers.storage import embedded as embedded_mod
+            from collectord import embedded as embedded_mod
 
             try:
-                with warnings.catch_warnings():  # the wheel's platformdirs chatter is not ours to print
-                    warnings.simplefilter("ignore")
-                    embedded = embedded_mod.start(config.pgdata)
-            except Exception as err:
+                embedded = embedded_mod.start(config.pgdata)
+            except CollectordError as err:
                 raise CollectordError(f"db upgrade: {err}") from None
             dsn = embedded.uri
         try:

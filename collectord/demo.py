@@ -1,11 +1,13 @@
 """`collectord demo`: polysim + the supervisor + an embedded PostgreSQL, in one command.
 
 run() does, in order:
-  1. picks the demo directory (--dir, default `collectord-demo` in the system
-     temp directory) and says where it is; refuses one under /root when run as
-     root (the embedded server runs as its own system user and cannot enter it)
-     and one where a demo is still running; removes the previous run's data, so
-     every demo starts from an empty database;
+  1. picks this run's directory and says where it is: --dir D, else a new
+     `run-YYYYmmdd-HHMMSS` under `collectord-demo` in the system temp directory,
+     so every run starts from an empty database and earlier runs stay queryable
+     (nothing is ever removed; the count of earlier runs and how to free them is
+     said). Refuses a D under /root when run as root (the embedded server runs as
+     its own system user and cannot enter it), one where a demo is still running
+     and one that holds an earlier run's data (it says so and removes nothing);
   2. starts polysim (`python -m polysim --port 0 ...`) in its own session and
      reads the port from its ready line;
   3. writes <dir>/collectord.conf: empty dsn (embedded PostgreSQL under
@@ -13,15 +15,18 @@ run() does, in order:
      exchange URLs pointing at polysim, a small followed set and short
      intervals so rows show up within seconds;
   4. runs `collectord -c <dir>/collectord.conf start --foreground` as a child
-     in its own session (its log goes to <dir>/log/);
+     in its own session, its output appended to the config's logfile
+     (<dir>/log/collectord.log), so the file the config names is the log;
   5. prints one line every few seconds: rows per table and each collector's
      state, until Ctrl-C / SIGTERM or --seconds after the collectors started;
   6. stops the supervisor (SIGTERM: collectors flush, the embedded server
      stops), then polysim;
   7. prints the rows per table, counted after the final flush (the embedded
      server is started once more for that), the feed gaps (opened, recovered,
-     unrecoverable, still open and the oldest open one's age: the trades a stopped
-     run still owes, fetched by the next start), and where the data is.
+     unrecoverable, still open and the oldest open one's age), where the data
+     is, and the two commands that query it: `collectord -c <conf> db serve`
+     (the database alone, until Ctrl-C: not `start`, whose collectors would
+     retry a polysim that is gone) and the psql line it prints.
 Signal handlers only set a flag and write to a wake pipe; the loop acts.
 """
 
@@ -31,13 +36,13 @@ import importlib
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +122,50 @@ def _die_with_parent() -> None:
 
 
 def default_dir() -> Path:
+    """Where the runs live unless --dir says: one run-TIME directory each."""
     return Path(tempfile.gettempdir()) / "collectord-demo"
+
+
+def new_run_dir(base: Path, now: float | None = None) -> Path:
+    """base/run-YYYYmmdd-HHMMSS (a -2, -3 ... suffix if that exists), not yet created."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    candidate, n = base / f"run-{stamp}", 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"run-{stamp}-{n}"
+    return candidate
+
+
+def earlier_runs(base: Path, current: Path) -> list[Path]:
+    """The run directories under base other than current, oldest first."""
+    try:
+        found = [p for p in base.iterdir() if p.name.startswith("run-") and p.is_dir() and p != current]
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def holds_data(directory: Path) -> bool:
+    """True when directory/data holds anything (an earlier run's database or spool)."""
+    try:
+        return any((directory / "data").iterdir())
+    except OSError:
+        return False
+
+
+def self_command() -> str:
+    """How to run this collectord again, as a user can paste it: `collectord` when that is
+    the one on PATH, else the console script's absolute path, else python -m collectord."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "collectord" and os.path.isfile(argv0):
+        on_path = shutil.which("collectord")
+        try:
+            if on_path and os.path.samefile(on_path, argv0):
+                return "collectord"
+        except OSError:
+            pass
+        return shlex.quote(os.path.abspath(argv0))
+    return f"{shlex.quote(sys.executable)} -m collectord"
 
 
 def demo_options(name: str, wanted: dict[str, str]) -> dict[str, str]:
@@ -134,9 +182,12 @@ def write_config(directory: Path, port: int) -> Path:
     """<dir>/collectord.conf for this run: everything under <dir>, URLs at polysim."""
     base = f"http://127.0.0.1:{port}"
     lines = [
-        "# Written by `collectord demo` for one run (rewritten at the next).",
+        "# Written by `collectord demo` for the run in this directory. polysim stopped with",
+        "# the demo: `collectord -c THIS_FILE db serve` serves the data collected (not `start`,",
+        "# whose collectors would retry an exchange that is gone).",
         "[collectord]",
         f"pidfile = {directory / 'run' / 'collectord.pid'}",
+        "# the demo runs the supervisor in the foreground, its output appended to this file",
         f"logfile = {directory / 'log' / 'collectord.log'}",
         "loglevel = INFO",
         f"data_dir = {directory / 'data'}",
@@ -264,14 +315,12 @@ def final_counts(pgdata: Path) -> tuple[dict[str, int | None] | None, str, dict 
     """Rows per table and gap figures after the supervisor stopped: start the embedded
     server once more. Returns (counts, the server's URI, gaps) or (None, why not, None).
     """
-    try:
-        with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" is no news here
-            warnings.simplefilter("ignore")
-            from workers.storage import embedded
+    from collectord import embedded
 
-            server = embedded.start(pgdata)
+    try:
+        server = embedded.start(pgdata)
     except Exception as err:
-        return None, f"{type(err).__name__}: {err}", None
+        return None, str(err), None
     try:
         return count_rows(server.uri), server.uri, gap_figures(server.uri)
     except Exception as err:
@@ -282,23 +331,38 @@ def final_counts(pgdata: Path) -> tuple[dict[str, int | None] | None, str, dict 
 
 def run(args: Any, config: Config | None = None) -> int:
     """`collectord demo [--dir D] [--seconds S]` -> exit code (0 after a clean stop)."""
-    directory = Path(os.path.abspath(args.dir)) if getattr(args, "dir", None) else default_dir()
     seconds = getattr(args, "seconds", None)
+    base = None
+    if getattr(args, "dir", None):
+        directory = Path(os.path.abspath(args.dir))
+    else:
+        base = default_dir()
+        directory = new_run_dir(base)
     if os.geteuid() == 0 and (directory == Path("/root") or Path("/root") in directory.parents):
         raise DemoError(f"{directory}: as root the demo directory must be outside /root "
                         "(the embedded PostgreSQL runs as its own user); use --dir")
+    conf = directory / "collectord.conf"
+    if conf.exists() and _running(conf):
+        raise DemoError(f"a demo is already running in {directory}: "
+                        f"{self_command()} -c {conf} stop (or use another --dir)")
+    if holds_data(directory):
+        # Never wiped unasked: it may be the only copy of what a user wants to query.
+        raise DemoError(f"{directory} holds an earlier run's data: query it with `{self_command()} -c {conf} db serve`, "
+                        f"or remove it (rm -r {directory / 'data'}) or choose another --dir "
+                        "(without --dir every run gets a new directory)")
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o755)  # the embedded server's user must traverse it
     for sub in ("log", "run"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)  # the embedded server's user must traverse it
-    conf = directory / "collectord.conf"
     status_path = directory / "run" / "status.json"
-    if conf.exists() and _running(conf):
-        raise DemoError(f"a demo is already running in {directory}: "
-                        f"collectord -c {conf} stop (or use another --dir)")
     print(f"collectord demo: directory {directory}", flush=True)
-    if (directory / "data").exists():
-        print("collectord demo: removing the previous run's data", flush=True)
-        shutil.rmtree(directory / "data")
+    if base is not None:
+        earlier = earlier_runs(base, directory)
+        if earlier:
+            print(f"collectord demo: {len(earlier)} earlier run(s) kept under {base} (the latest: "
+                  f"{earlier[-1].name}); free them with: rm -r {base}/run-*", flush=True)
     status_path.unlink(missing_ok=True)
 
     stop = _Stop()
@@ -308,14 +372,15 @@ def run(args: Any, config: Config | None = None) -> int:
         sim, port = start_polysim(directory)
         print(f"collectord demo: polysim (simulated exchange) on http://127.0.0.1:{port}", flush=True)
         conf = write_config(directory, port)
-        out = open(directory / "log" / "supervisor.out", "wb")
+        log_path = directory / "log" / "collectord.log"
+        out = open(log_path, "ab")
         with out:
             supervisor = subprocess.Popen(
                 [sys.executable, "-m", "collectord", "-c", str(conf), "start", "--foreground"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=_die_with_parent)
         print(f"collectord demo: supervisor pid {supervisor.pid} starting (first start initialises "
-              f"the embedded PostgreSQL); log {directory / 'log'}", flush=True)
+              f"the embedded PostgreSQL); log {log_path}", flush=True)
         _watch(supervisor, status_path, stop, seconds, directory)
     finally:
         stopped_by = stop.requested
@@ -339,7 +404,7 @@ def _watch(supervisor: subprocess.Popen, status_path: Path, stop: _Stop, seconds
     while True:
         now = time.monotonic()
         if supervisor.poll() is not None:
-            tail = _tail(directory / "log" / "supervisor.out")
+            tail = _tail(directory / "log" / "collectord.log")
             raise DemoError(f"the supervisor exited with status {supervisor.returncode}: {tail} "
                             f"(logs: {directory / 'log'})")
         doc = read_status(status_path)
@@ -389,8 +454,11 @@ def _tail(path: Path) -> str:
 
 
 def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | None) -> int:
+    from collectord.embedded import has_cluster, psql_command
+
     pgdata = directory / "data" / "pgdata"
-    counts, uri, gaps = final_counts(pgdata) if pgdata.exists() else (None, "no database was created", None)
+    created = has_cluster(pgdata)
+    counts, uri, gaps = final_counts(pgdata) if created else (None, "no database was created", None)
     print("")
     print(f"collectord demo: supervisor exited with status {code}" + (f" after {stopped_by}" if stopped_by else ""))
     if counts is None:
@@ -403,8 +471,10 @@ def _summary(directory: Path, conf: Path, code: int | None, stopped_by: str | No
             print(f"  {table:<20} {'(missing)' if value is None else value:>8}")
         if gaps is not None:
             print(gap_line(gaps, time.time()))
-    print(f"data: embedded PostgreSQL, data directory {pgdata}, database collectord")
-    print(f"  serve it again:  collectord -c {conf} start   (and later: ... stop)")
-    print(f"  then query it:   psql '{uri}'")
-    print(f"logs: {directory / 'log'}   config: {conf}")
+    if created:
+        print(f"data: embedded PostgreSQL, data directory {pgdata}, database collectord "
+              "(kept; polysim and the collectors stopped with the demo)")
+        print(f"  serve it:  {self_command()} -c {conf} db serve   (the database only, until Ctrl-C)")
+        print(f"  query it, from another terminal meanwhile:  {psql_command(uri)} -c 'SELECT count(*) FROM trades'")
+    print(f"logs: {directory / 'log' / 'collectord.log'}   config: {conf}")
     return 0 if code == 0 and counts is not None else 1

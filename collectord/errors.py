@@ -8,6 +8,8 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
 EX_NOTRUNNING = 3  # LSB status: program is not running
+EX_STATUS_UNKNOWN = 4  # LSB status: program or service status is unknown
+EX_NOTCONFIGURED = 6  # LSB init actions (stop): program is not configured
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: a restart cannot fix it
 
 
@@ -46,6 +48,18 @@ class NotRunning(CollectordError):
     """A command that needs a running daemon found none."""
 
     exit_code = EX_NOTRUNNING
+
+
+class StatusUnknown(CollectordError):
+    """status cannot tell whether the daemon runs (the config naming its PID file is unusable)."""
+
+    exit_code = EX_STATUS_UNKNOWN
+
+
+class NotConfigured(CollectordError):
+    """stop cannot find the daemon: the config naming its PID file is unusable."""
+
+    exit_code = EX_NOTCONFIGURED
 
 
 class PidFileError(CollectordError):

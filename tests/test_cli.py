@@ -376,3 +376,142 @@ def test_no_collector_enabled_is_a_config_error(env):
         r = env.cli(command)
         assert r.returncode == 78
         assert r.stderr.strip() == f"collectord: {env.conf}: no collector is enabled (every [collector:NAME] has enabled = no)"
+
+
+# -- a new user's first hour (issue 15) ------------------------------------------------
+
+
+def _raw_cli(env: Env, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI with exactly these arguments (Env.cli puts -c before the command)."""
+    return subprocess.run([sys.executable, "-m", "collectord", *args], capture_output=True, text=True,
+                          timeout=60, env=env.env(), cwd=str(env.base), **kwargs)
+
+
+def test_config_option_is_accepted_after_the_command_too(env):
+    r = _raw_cli(env, "start", "-c", str(env.conf))
+    assert r.returncode == 0, r.stderr
+    pid = env.file_pid()
+    for args in (("status", "-c", str(env.conf)), ("status", "--json", "--config", str(env.conf)),
+                 ("-c", "/nonexistent.conf", "status", "-c", str(env.conf))):  # after the command wins
+        r = _raw_cli(env, *args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert str(pid) in r.stdout and r.stderr == ""
+    r = _raw_cli(env, "db", "upgrade", "-c", str(env.conf))
+    assert r.returncode == 0, r.stderr
+    r = _raw_cli(env, "stop", "-c", str(env.conf))
+    assert r.returncode == 0 and r.stdout.startswith(f"collectord stopped (pid {pid}"), r.stderr
+
+
+def _status_into_closed_pipe(env: Env, *args: str) -> tuple[int, str]:
+    """status whose reader has gone before it writes a byte (what `| head -1` does to the
+    rest of the output); its exit code and stderr."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "collectord", "-c", str(env.conf), "status", *args],
+                            stdout=w, stderr=subprocess.PIPE, text=True, env=env.env(), cwd=str(env.base))
+    os.close(w)
+    os.close(r)  # long before the interpreter is up: its first write meets EPIPE
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_status_into_a_closed_pipe_keeps_its_lsb_code(env):
+    assert _status_into_closed_pipe(env) == (3, "")
+    pid = _start(env)
+    assert _status_into_closed_pipe(env) == (0, "")
+    assert _status_into_closed_pipe(env, "--json") == (0, "")
+    # And what `| head -1` shows is the first line, with status's code under pipefail.
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m collectord -c {env.conf} status | head -1"],
+                       capture_output=True, text=True, timeout=60, env=env.env(), cwd=str(env.base))
+    assert r.returncode == 0 and r.stdout.startswith(f"collectord is running (pid {pid}") and r.stderr == ""
+
+
+def test_status_names_the_config_the_daemon_runs_with(env):
+    pid = _start(env)
+    other = env.base / "other.conf"  # another file naming the same PID file
+    other.write_text(env.conf.read_text())
+    assert wait_for(lambda: env.status_path.exists(), 10)
+    r = _raw_cli(env, "status", "-c", str(other))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"collectord is running (pid {pid}, up ") and lines[0].endswith(f", config {env.conf})")
+    assert lines[1] == f"note: it runs with {env.conf}, not {other}"
+    r = env.cli("status")
+    assert not any(line.startswith("note:") for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("broken", ["missing", "unreadable", "unparsable"])
+def test_an_unusable_config_never_says_not_running(env, broken):
+    pid = _start(env)
+    bad = env.base / "bad.conf"
+    if broken == "unreadable":
+        bad.mkdir()  # root reads any file: a directory is what cannot be read here
+    elif broken == "unparsable":
+        bad.write_text("pidfile = /somewhere/else.pid\nthis is not INI\n")
+    r = _raw_cli(env, "status", "-c", str(bad))
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"collectord: {bad}")
+    assert "cannot tell whether collectord runs" in r.stderr
+    assert _raw_cli(env, "status", "--json", "-c", str(bad)).returncode == 4
+    r = _raw_cli(env, "stop", "-c", str(bad))
+    assert r.returncode == 6 and "nothing stopped" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "not running" not in r.stdout + r.stderr
+    time.sleep(0.2)
+    assert alive(pid) and env.file_pid() == pid
+
+
+def test_a_typod_config_shows_the_running_daemons_database(env, pg_dsn):
+    pid = _start(env)
+    assert wait_for(lambda: env.status_path.exists(), 10)
+    typo = env.base / "typo.conf"
+    typo.write_text(env.conf.read_text().replace("graceful_timeout = 5", "graceful_timout = 5"))
+    r = _raw_cli(env, "status", "-c", str(typo))
+    assert r.returncode == 0 and "graceful_timout: unknown key" in r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"collectord is running (pid {pid}") and f"config {env.conf})" in lines[0]
+    assert lines[2] == f"database: {pg_dsn} password=***"
+    assert PASSWORD not in r.stdout + r.stderr
+    # With no daemon, nothing is made up from the broken file's defaults either.
+    env.cli("stop")
+    r = _raw_cli(env, "status", "-c", str(typo))
+    assert r.returncode == 3 and r.stdout.splitlines()[0] == "collectord is not running"
+
+
+def test_an_unknown_collector_option_is_named_once_with_a_hint(env):
+    env.write(collectors="[collector:tick]\ntarget = tests.cli_targets:Ticker\nintervall = 0.2\n")
+    for command in ("check", "start"):
+        r = env.cli(command)
+        assert r.returncode == 78
+        assert r.stderr == (f"collectord: {env.conf}, [collector:tick], intervall: unknown option "
+                            "(did you mean interval? Ticker takes: interval)\n")
+
+
+def test_db_serve_refuses_what_it_cannot_serve(env):
+    r = env.cli("db", "serve")  # the dsn names a server
+    assert r.returncode == 1 and r.stderr.startswith("collectord: db serve: dsn = ") and "password=***" in r.stderr
+    assert PASSWORD not in r.stderr and len(r.stderr.splitlines()) == 1
+    env.write(dsn="")
+    r = env.cli("db", "serve")  # embedded, but never created: no empty cluster made by mistake
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"collectord: db serve: no database under {env.data_dir / 'pgdata'} yet "
+                                "(`collectord start` or `collectord db upgrade` creates it)")
+    assert not (env.data_dir / "pgdata").exists()
+
+
+def test_the_database_line_is_the_running_daemons(tmp_path):
+    """Pure: status.json's dsn and pgdata win over the caller's config; a broken config
+    with no daemon to ask says it cannot tell."""
+    import dataclasses
+
+    from collectord import config as config_mod
+
+    mine = config_mod.parse(f"[collectord]\ndsn = host=elsewhere password={PASSWORD}\n", "/etc/c.conf")
+    broken = dataclasses.replace(config_mod.parse("", "/etc/typo.conf"), broken="typo")
+    uri = "postgresql://postgres@/collectord?host=/srv/demo/data/pgdata&port=5432"
+    embedded = {"dsn": uri, "pgdata": "/srv/demo/data/pgdata"}
+    served = {"dsn": "host=db password=***", "pgdata": None}
+    for config in (mine, broken):
+        assert control._database_line(config, embedded) == (
+            f"database: embedded PostgreSQL under /srv/demo/data/pgdata; connect with: psql '{uri}'")
+        assert control._database_line(config, served) == "database: host=db password=***"
+    assert control._database_line(broken, None) == "database: unknown (/etc/typo.conf is broken)"
+    assert control._database_line(mine, None) == "database: host=elsewhere password=***"

@@ -196,7 +196,7 @@ def test_bad_collector_option_is_exit_78_before_forking(env):
     r = env.cli("start")
     assert r.returncode == 78
     assert r.stderr.strip() == (
-        f"collectord: {env.conf}, [collector:picky], mode: option mode: mode must be 'ok', got 'loud'"
+        f"collectord: {env.conf}, [collector:picky], mode: mode must be 'ok', got 'loud'"
     )
     assert not env.pidfile.exists()
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,3 +198,116 @@ def test_demo_killed_leaves_nothing_behind(tmp_path):
             proc.wait(timeout=30)
     assert not wait_all_gone(tree, 90), alive(tree)
     assert not processes_under(directory), processes_under(directory)
+
+
+def _psql_count(line: str, env: dict) -> int:
+    """Run a printed `psql '...' -c 'SELECT count(*) ...'` line as a shell would; the count."""
+    r = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, (line, r.stdout, r.stderr)
+    m = re.search(r"^\s*(\d+)\s*$", r.stdout, re.M)
+    assert m, r.stdout
+    return int(m.group(1))
+
+
+@pytest.fixture
+def short_tmp():
+    """A TMPDIR short enough for a unix socket path under it (pytest's tmp_path is not)."""
+    path = Path(tempfile.mkdtemp(prefix="cd-", dir="/tmp"))
+    os.chmod(path, 0o755)  # the embedded server's own user (as root) must traverse it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_demo_data_is_queried_after_it_ends_with_the_commands_it_prints(short_tmp):
+    """Default directory: a new run-TIME directory, an earlier run's data left alone; the log is
+    the file the config names, without the XDG_RUNTIME_DIR warning; and the two printed commands
+    (db serve, then psql) give back what the summary counted, with no collector restarted."""
+    tmp_path = short_tmp
+    base = tmp_path / "collectord-demo"
+    earlier = base / "run-20000101-000000" / "data" / "pgdata"
+    earlier.mkdir(parents=True)
+    (earlier / "PG_VERSION").write_text("earlier run\n")
+    env = dict(os.environ, COLLECTORD_CONFIG="", TMPDIR=str(tmp_path),
+               PATH=f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}")
+    env.pop("XDG_RUNTIME_DIR", None)
+    proc = subprocess.run(demo_cmd_default("--seconds", "5"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=400, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    run_dir = Path(re.search(r"^collectord demo: directory (\S+)$", out, re.M).group(1))
+    assert run_dir.parent == base and run_dir.name.startswith("run-") and run_dir.name != "run-20000101-000000"
+    assert f"1 earlier run(s) kept under {base} (the latest: run-20000101-000000)" in out
+    assert (earlier / "PG_VERSION").read_text() == "earlier run\n"
+
+    # The log: the file the config names, holding the supervisor's output; nothing else.
+    log = run_dir / "log" / "collectord.log"
+    assert f"logfile = {log}\n" in (run_dir / "collectord.conf").read_text()
+    assert sorted(p.name for p in (run_dir / "log").iterdir()) == ["collectord.log", "polysim.log"]
+    text = log.read_text()
+    assert "embedded PostgreSQL started" in text and "XDG_RUNTIME_DIR" not in text and "Warning" not in text
+
+    trades = summary_rows(out)["trades"]
+    serve = re.search(r"^  serve it:  (.+?)   \(the database only, until Ctrl-C\)$", out, re.M).group(1)
+    query = re.search(r"^  query it, from another terminal meanwhile:  (.+)$", out, re.M).group(1)
+    assert query.endswith(" -c 'SELECT count(*) FROM trades'") and "psql '" in query
+    server = subprocess.Popen(["sh", "-c", f"exec {serve}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=str(tmp_path))
+    try:
+        lines = [server.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith(f"collectord db serve: embedded PostgreSQL under {run_dir / 'data' / 'pgdata'}"), (
+            lines, server.stderr.read() if server.poll() is not None else "")
+        assert lines[1].strip() == f"query it:  {query.rsplit(' -c ', 1)[0]}"  # the URI the demo printed
+        assert _psql_count(query, env) == trades
+        # Only the database: no supervisor, no collector retrying the polysim that is gone.
+        conf = serve.split(" -c ", 1)[1].split(" db serve")[0]
+        status = subprocess.run(shlex.split(serve.split(" -c ", 1)[0]) + ["-c", conf, "status"],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert status.returncode == 3 and status.stdout.startswith("collectord is not running"), status
+        server.send_signal(signal.SIGINT)
+        rest, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    assert server.returncode == 0, err
+    assert rest.strip() == "collectord db serve: SIGINT, database stopped" and err == ""
+    assert not wait_all_gone({int(p.split(":")[0]) for p in processes_under(run_dir)}, 30)
+    assert not processes_under(run_dir), processes_under(run_dir)
+
+
+def demo_cmd_default(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "collectord", "demo", *extra]
+
+
+def test_demo_never_wipes_an_earlier_runs_data(tmp_path):
+    """--dir D holding an earlier run: refused in one line that says how to query or free it;
+    nothing removed, nothing started."""
+    directory = tmp_path / "demo"
+    pgdata = directory / "data" / "pgdata"
+    pgdata.mkdir(parents=True)
+    (pgdata / "PG_VERSION").write_text("earlier run\n")
+    broken = tmp_path / "broken.conf"  # the demo writes its own config: a broken one elsewhere is not its business
+    broken.write_text("not INI\n")
+    proc = subprocess.run(demo_cmd(directory, "--seconds", "1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, COLLECTORD_CONFIG=str(broken)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+    assert f"{directory} holds an earlier run's data" in proc.stderr and "db serve" in proc.stderr
+    assert (pgdata / "PG_VERSION").read_text() == "earlier run\n"
+    assert not (directory / "log" / "polysim.log").exists()
+
+
+def test_the_readme_newcomer_path_ends_with_the_query_the_demo_prints():
+    """The README shows the summary's two query commands in the very shape the demo prints
+    them (the test above runs the demo's own lines)."""
+    readme = (ROOT / "README.md").read_text()
+    path = readme.split("## Two commands", 1)[1].split("## Running it for real", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", path, re.S)
+    assert len(blocks) == 2 and "collectord demo" in blocks[0], blocks
+    serve, query = blocks[1].strip().splitlines()
+    m = re.fullmatch(r"\S+/collectord -c (/tmp/collectord-demo/run-\d{8}-\d{6})/collectord\.conf db serve", serve)
+    assert m, serve
+    run = m.group(1)
+    assert query == (f"psql 'postgresql://postgres@/collectord?host={run}/data/pgdata&port=5432' "
+                     "-c 'SELECT count(*) FROM trades'")

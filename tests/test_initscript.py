@@ -222,3 +222,21 @@ def test_daemon_behind_a_shell_wrapper(initscript, tmp_path):
     assert r.returncode == 0, r
     assert wait_gone(pid, 10)
     assert initscript("status").returncode == 3
+
+
+def test_an_unusable_config_is_lsb_6_for_stop_never_not_running(initscript):
+    """collectord status says 4 (unknown) for a config that is not INI: stop and reload must not
+    take that for 'not running' (LSB 0 / 7), and status reports 4."""
+    assert initscript("start").returncode == 0
+    pid = read_pid(initscript.pidfile)
+    good = initscript.conf.read_text()
+    initscript.conf.write_text("this is not INI\n" + good)
+    try:
+        assert initscript("status").returncode == 4
+        r = initscript("stop")
+        assert r.returncode == 6 and "is unknown" in r.stderr, r
+        assert initscript("reload").returncode == 6
+        assert proc_alive(pid)
+    finally:
+        initscript.conf.write_text(good)
+    assert initscript("stop").returncode == 0 and wait_gone(pid, 10)
