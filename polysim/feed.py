@@ -38,6 +38,7 @@ from polysim.options import Options
 log = logging.getLogger("polysim.feed")
 
 UNKNOWN_EVENT = '{"event_type":"polysim_unknown_event","market":"0x00","payload":{"note":"ignore me"},"timestamp":"%d"}'
+WRITE_BUFFER = 4 * 1024 * 1024  # bytes a connection's transport may hold before its writer waits
 MALFORMED = ('{"event_type":"last_trade_price","market":"0x', "NOT JSON AT ALL", '[{"event_type":"book",')
 
 
@@ -122,6 +123,11 @@ class Feed:
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024 * 1024, compress=False)
         await ws.prepare(request)
+        if request.transport is not None:
+            # Let a few array frames queue in the transport before the writer waits for the
+            # socket: with asyncio's 64 KiB default, each frame of 500 trades waits for a drain,
+            # i.e. for the next turn of a loop the engine keeps busy.
+            request.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         c = Conn(ws, request)
         self.conns.add(c)
         c.writer = asyncio.get_running_loop().create_task(self._writer(c))
