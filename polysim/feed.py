@@ -76,6 +76,7 @@ class Feed:
         self.dirty: set[Conn] = set()
         self.dropped_slow = 0
         self.messages_out = 0
+        self.connections_total = 0  # WebSocket upgrades accepted since start
 
     # -- Sink --------------------------------------------------------------------------
     def wants(self, asset: str) -> bool:
@@ -130,6 +131,7 @@ class Feed:
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         c = Conn(ws, request)
         self.conns.add(c)
+        self.connections_total += 1
         c.writer = asyncio.get_running_loop().create_task(self._writer(c))
         try:
             async for msg in ws:

@@ -98,6 +98,23 @@ class Ledger:
                                   SIDES[sd[i]], ts[i], tx_hash(seed, tx[i]), m.fee_rate_bps, pub[i]))
         return "[" + ",".join(parts) + "]"
 
+    def tsv_range(self, start: int, end: int, markets: list) -> bytes:
+        """Entries [start, end) as tab-separated lines, the accounting columns only:
+        index, asset_id, transaction_hash, price, size, side, timestamp (ms), published_ms.
+
+        About 200 bytes a trade (the JSON form is ~350 and must be parsed whole): what a
+        long run's accounting streams into PostgreSQL with COPY. Thread-safe as json_range.
+        """
+        mk, tk, pr, sz, sd, ts, tx, pub = (self.market, self.token, self.price, self.size, self.side,
+                                          self.ts, self.tx, self._pub)
+        txh = TxHash(self.seed)
+        lines = []
+        for i in range(start, end):
+            m = markets[mk[i]]
+            lines.append(f"{i}\t{m.tokens[tk[i]]}\t{txh(tx[i])}\t{PRICE_TEXT[pr[i]]}\t{size_text(sz[i])}"
+                         f"\t{SIDES[sd[i]]}\t{ts[i]}\t{pub[i]}\n")
+        return "".join(lines).encode()
+
     def entry(self, i: int, markets: list) -> dict:
         """Trade i with the field names of a WS `last_trade_price` message, plus index/publish time."""
         m = markets[self.market[i]]
