@@ -226,15 +226,22 @@ def delays(cur, seen: dict[tuple, float | None], sample: list[str]) -> list[floa
     return [(at - published[k] / 1000) * 1000 for k, at in seen.items() if at is not None and k in published]
 
 
-def wait_until(what: str, pred, timeout: float, every: float = 0.5):
+def wait_until(what: str, pred, timeout: float, every: float = 0.5, proc=None):
+    """pred() true within timeout, else a one-line exit (also when polysim ended)."""
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
         if v:
             return v
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"bench exchange: polysim exited ({proc.returncode}) while waiting for {what}")
         if time.monotonic() > deadline:
             raise SystemExit(f"bench exchange: {what} not within {timeout:g} s")
         time.sleep(every)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(f"bench exchange: signal {signum}, cleaning up")
 
 
 def main(argv: list[str]) -> int:
@@ -260,6 +267,8 @@ def main(argv: list[str]) -> int:
         print(f"bench exchange: --option wants KEY=VALUE, got {args.option}", file=sys.stderr)
         return 2
 
+    signal.signal(signal.SIGTERM, _terminated)  # the finally below still stops and drops everything
+    signal.signal(signal.SIGINT, _terminated)
     run = uuid.uuid4().hex[:8]
     schema = "bench_exchange_" + run
     admin = psycopg2.connect(args.dsn)
@@ -285,7 +294,7 @@ def main(argv: list[str]) -> int:
             pids[name] = fork_shard(port, dsn, data_dir, name, i, args.shards, options)
         ledger.start()  # threads after the forks
         health = lambda: get(base + "/_sim/health")  # noqa: E731
-        wait_until("every token subscribed", lambda: health()["subscribed_assets"] >= len(tokens), 300, 0.1)
+        wait_until("every token subscribed", lambda: health()["subscribed_assets"] >= len(tokens), 300, 0.1, proc)
         subscribe_s = time.monotonic() - t0
         mon = psycopg2.connect(dsn, application_name="bench:monitor")
         mon.autocommit = True
@@ -296,7 +305,7 @@ def main(argv: list[str]) -> int:
             gaps, open_gaps = cur.fetchone()
             return gaps > 0 and open_gaps == 0
 
-        wait_until("start gaps recovered", start_gaps_done, 600)
+        wait_until("start gaps recovered", start_gaps_done, 600, proc=proc)
         backfilled_s = time.monotonic() - t0
         sample = sorted(tokens)[:: max(1, len(tokens) // SAMPLE_TOKENS)]
         procs = {name: pid for name, pid in pids.items()}
@@ -339,7 +348,9 @@ def main(argv: list[str]) -> int:
         window = w1 - w0
         cutoff_ms = int(time.time() * 1000) - 2000
         time.sleep(3)
-        wait_until("gaps recovered after the window", start_gaps_done, 300)
+        if proc.poll() is not None:
+            raise SystemExit(f"bench exchange: polysim exited ({proc.returncode}) during the window")
+        wait_until("gaps recovered after the window", start_gaps_done, 300, proc=proc)
         for name, pid in list(pids.items()):
             os.kill(pid, signal.SIGTERM)
         exits = {}

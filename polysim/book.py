@@ -98,6 +98,18 @@ class Book:
             [{"price": PRICE_TEXT[p], "size": size_text(s)} for p, s in asks],
         )
 
+    def levels_text(self, token: int) -> str:
+        """`"bids":[...],"asks":[...]` of levels(token), as compact JSON text (the WS hot path)."""
+        if token == 0:
+            bids = sorted(self.bids.items())
+            asks = sorted(self.asks.items(), reverse=True)
+        else:
+            bids = sorted(((ONE - p, s) for p, s in self.asks.items()))
+            asks = sorted(((ONE - p, s) for p, s in self.bids.items()), reverse=True)
+        return ('"bids":[' + ",".join([f'{{"price":"{PRICE_TEXT[p]}","size":"{size_text(s)}"}}' for p, s in bids])
+                + '],"asks":[' + ",".join([f'{{"price":"{PRICE_TEXT[p]}","size":"{size_text(s)}"}}' for p, s in asks])
+                + "]")
+
     def level_size(self, token: int, side: str, price: int) -> int:
         """Current size in cents at `price` on `side` ('BUY' bids / 'SELL' asks) of a token."""
         if token == 1:

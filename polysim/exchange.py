@@ -406,8 +406,7 @@ class Exchange:
             if index in self._traded and self.opts.trade_book_updates:
                 for k, tok in enumerate(m.tokens):
                     if self.sink.wants(tok):
-                        self.sink.emit((tok,), json.dumps(self.book_summary(m, k, ws=True, initial=False),
-                                                          separators=(",", ":")))
+                        self.sink.emit((tok,), self.book_text(m, k, initial=False))
             if top != m.top_sent:
                 m.top_sent = top
                 for k, tok in enumerate(m.tokens):
@@ -475,6 +474,17 @@ class Exchange:
             m.state = "open"
             m.updated_ms = self.now_ms
             self.tradable.append(m)
+
+    def book_text(self, m: Market, token: int, initial: bool) -> str:
+        """json.dumps(book_summary(m, token, ws=True, initial), compact), formatted directly:
+        the summary once with hash "", its SHA-1, then the same text with the hash in."""
+        last = m.last_trade[token]
+        extra = (f',"tick_size":"{TICK_TEXT[m.book.tick]}","last_trade_price":"{PRICE_TEXT[last[0]] if last else ""}"'
+                 if initial else "")
+        head = f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}","hash":"'
+        rest = f'",{m.book.levels_text(token)}{extra}'
+        digest = hashlib.sha1(f"{head}{rest}}}".encode()).hexdigest()
+        return f'{head}{digest}{rest},"event_type":"book"}}'
 
     # -- views used by the REST surfaces ----------------------------------------------------
     def book_summary(self, m: Market, token: int, ws: bool = False, initial: bool = True) -> dict:

@@ -219,9 +219,9 @@ class Feed:
             # Past max_dump_assets the real server silently skips snapshots (deltas still flow).
             if (dump and hit is not None and hit[0].tradable(x.now_ms)
                     and len(c.assets) <= self.opts.max_dump_assets):
-                books.append(x.book_summary(hit[0], hit[1], ws=True, initial=True))
+                books.append(x.book_text(hit[0], hit[1], initial=True))
         if books:
-            c.frames.append(json.dumps(books, separators=(",", ":")))
+            c.frames.append("[" + ",".join(books) + "]")
             c.wake.set()
 
     def _unsubscribe(self, c: Conn, ids: list[str]) -> None:
@@ -307,8 +307,7 @@ class Feed:
             for a in list(c.assets)[:50]:
                 hit = x.by_token.get(a)
                 if hit is not None and hit[0].tradable(x.now_ms):
-                    books.append(json.dumps(x.book_summary(hit[0], hit[1], ws=True, initial=True),
-                                            separators=(",", ":")))
+                    books.append(x.book_text(hit[0], hit[1], initial=True))
             if not books:
                 continue
             parts, total, k = [], 0, 0

@@ -373,6 +373,22 @@ def test_ledger_tsv_equals_the_json_ledger(polysim):
     assert health["subscribed_assets"] == 0 and health["ws_connections_total"] == 0
 
 
+def test_ws_book_text_equals_the_json_of_the_summary():
+    """The directly formatted WS `book` (dumps and refreshes) is byte for byte the compact
+    JSON of book_summary(ws=True), for both tokens, empty and traded books."""
+    from polysim.exchange import Exchange
+    from polysim.options import Options
+
+    x = Exchange(Options(markets=60, seed=4, trade_rate=3000.0, multi_fill=0.5, book_rate=500.0), 1786000000000)
+    for step in range(1, 100):
+        x.advance(step * 0.01, 1786000000000 + step * 10)
+    for m in x.markets:
+        for token in (0, 1):
+            for initial in (True, False):
+                summary = x.book_summary(m, token, ws=True, initial=initial)
+                assert x.book_text(m, token, initial) == json.dumps(summary, separators=(",", ":"))
+
+
 def test_size_table_equals_size_text():
     from polysim.book import SIZE_MAX, SIZE_TEXT, size_text
 
