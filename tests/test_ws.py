@@ -137,6 +137,24 @@ def trade_tokens(read: list[tuple]) -> dict[str, set[int]]:
     return seen
 
 
+def test_feed_places_both_tokens_of_a_market_on_one_socket():
+    """Given token -> condition id, a market's tokens share a socket (ids far apart in
+    token order); a plain token list is placed in token order. Nothing connects here."""
+    markets = {f"0x{m:064x}": (f"{m + 10}", f"{90 - m}") for m in range(20)}
+    by_token = {t: cid for cid, pair in markets.items() for t in pair}
+    feed = Feed("ws://127.0.0.1:9/ws/market", assets_per_socket=4)
+    plain = Feed("ws://127.0.0.1:9/ws/market", assets_per_socket=4)
+    try:
+        added, _ = feed.set_tokens(by_token)
+        assert sorted(added) == sorted(by_token) and len(feed.conns) == 10
+        assert all(feed.where[a] == feed.where[b] for a, b in markets.values())
+        plain.set_tokens(list(by_token))
+        assert sum(plain.where[a] == plain.where[b] for a, b in markets.values()) < len(markets)
+    finally:
+        feed.close()
+        plain.close()
+
+
 def test_feed_multiplexes_sockets_and_applies_changes_live(polysim):
     sim = polysim(markets=10, seed=13, trade_rate=200.0)
     tokens = tokens_of(sim)

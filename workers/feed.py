@@ -5,7 +5,10 @@ stays on its connection for the process's life, so a transaction's fills always
 arrive through one socket, in order). The Feed, driven by the owner's loop:
   - `set_tokens(tokens)` applies a new followed set live: unsubscribe operations for
     tokens that left, subscribe operations (at most `ids_per_frame` ids a frame) for
-    new ones on open connections, new connections when the others are full;
+    new ones on open connections, new connections when the others are full. Given a
+    mapping token -> condition id, new tokens are placed in condition id order, so
+    both tokens of a market share a socket: a socket's gap then names each of its
+    markets once, and its backfill needs half the Data API requests;
   - `tick()` sends heartbeats, enforces the PONG and stall deadlines, and opens due
     connections one at a time, `connect_stagger` apart (a burst of upgrades draws
     HTTP 429 from the exchange's edge);
@@ -29,7 +32,7 @@ import json
 import logging
 import selectors
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from workers.ws import OPEN, Connection, ConnectionFailed, WsOptions
 
@@ -81,11 +84,12 @@ class Feed:
         self._next_connect = 0.0
 
     # -- followed set ---------------------------------------------------------
-    def set_tokens(self, tokens: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Apply the wanted token set; returns (added, removed)."""
+    def set_tokens(self, tokens: Iterable[str] | Mapping[str, str | None]) -> tuple[list[str], list[str]]:
+        """Apply the wanted token set (or token -> condition id); returns (added, removed)."""
         wanted = set(tokens)
+        group = tokens.get if isinstance(tokens, Mapping) else (lambda token: None)
         removed = [t for t in self.where if t not in wanted]
-        added = sorted(t for t in wanted if t not in self.where)
+        added = sorted((t for t in wanted if t not in self.where), key=lambda t: (group(t) or "", t))
         gone: dict[int, list[str]] = {}
         for token in removed:
             index = self.where.pop(token)
