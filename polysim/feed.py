@@ -38,7 +38,7 @@ from polysim.options import Options
 log = logging.getLogger("polysim.feed")
 
 UNKNOWN_EVENT = '{"event_type":"polysim_unknown_event","market":"0x00","payload":{"note":"ignore me"},"timestamp":"%d"}'
-WRITE_BUFFER = 1024 * 1024  # bytes a connection's transport may hold before its writer waits (a PONG waits behind them)
+WRITE_BUFFER = 8 * 1024 * 1024  # bytes a connection's transport may hold before its writer waits (small next to max_pending)
 MALFORMED = ('{"event_type":"last_trade_price","market":"0x', "NOT JSON AT ALL", '[{"event_type":"book",')
 
 
