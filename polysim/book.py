@@ -42,6 +42,13 @@ def size_text(cents: int) -> str:
     return f"{whole}.{frac:02d}"
 
 
+# Every size a fill can have (at most 1000.00: Exchange._trade), formatted once as
+# size_text() would (whole part, then the cents' fraction text), in ~10 ms.
+SIZE_MAX = 100_000
+_FRACTIONS = [""] + [f".{f // 10}" if f % 10 == 0 else f".{f:02d}" for f in range(1, 100)]
+SIZE_TEXT: tuple[str, ...] = tuple(w + f for w in map(str, range(SIZE_MAX // 100 + 1)) for f in _FRACTIONS)[:SIZE_MAX + 1]
+
+
 def book_hash(summary: dict) -> str:
     """SHA-1 hex of the compact JSON of `summary` (wire field order) with hash "" (§3.1)."""
     body = dict(summary)
@@ -90,6 +97,18 @@ class Book:
             [{"price": PRICE_TEXT[p], "size": size_text(s)} for p, s in bids],
             [{"price": PRICE_TEXT[p], "size": size_text(s)} for p, s in asks],
         )
+
+    def levels_text(self, token: int) -> str:
+        """`"bids":[...],"asks":[...]` of levels(token), as compact JSON text (the WS hot path)."""
+        if token == 0:
+            bids = sorted(self.bids.items())
+            asks = sorted(self.asks.items(), reverse=True)
+        else:
+            bids = sorted(((ONE - p, s) for p, s in self.asks.items()))
+            asks = sorted(((ONE - p, s) for p, s in self.bids.items()), reverse=True)
+        return ('"bids":[' + ",".join([f'{{"price":"{PRICE_TEXT[p]}","size":"{size_text(s)}"}}' for p, s in bids])
+                + '],"asks":[' + ",".join([f'{{"price":"{PRICE_TEXT[p]}","size":"{size_text(s)}"}}' for p, s in asks])
+                + "]")
 
     def level_size(self, token: int, side: str, price: int) -> int:
         """Current size in cents at `price` on `side` ('BUY' bids / 'SELL' asks) of a token."""

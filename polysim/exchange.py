@@ -26,8 +26,8 @@ import json
 import random
 from typing import Protocol
 
-from polysim.book import ONE, PRICE_TEXT, book_hash, size_text
-from polysim.ledger import Ledger, tx_hash
+from polysim.book import ONE, PRICE_TEXT, SIZE_TEXT, book_hash, size_text
+from polysim.ledger import Ledger, TxHash
 from polysim.market import DAY_MS, Event, Market, make_market
 from polysim.options import Options
 
@@ -78,6 +78,7 @@ class Exchange:
         self.by_event: dict[str, list[Market]] = {}
         self.tradable: list[Market] = []
         self.ledger = Ledger(opts.seed)
+        self.tx_hash = TxHash(opts.seed)
         self.txno = 0
         self.events = 0  # events applied so far (the state's "version")
         self.pending: list[tuple[float, int, str, int]] = []  # (t, seq, kind, market index)
@@ -178,18 +179,18 @@ class Exchange:
         done = 0
         while done < budget:
             t_pend = self.pending[0][0] if self.pending else float("inf")
-            t_next = min(self.next_trade, self.next_book, self.next_close, self.next_new, t_pend)
+            t_other = min(self.next_book, self.next_close, self.next_new, t_pend)
+            if self.next_trade <= t_other:
+                if self.next_trade > t_target:
+                    break
+                done += self._trades(min(t_other, t_target), pub_ms, budget - done)
+                continue
+            t_next = t_other
             if t_next > t_target:
                 break
             self.t = t_next
             self.now_ms = self.epoch_ms + int(t_next * 1000)
-            if t_next == self.next_trade:
-                self.next_trade += self._draw(self.trade_rng, self.tx_rate)
-                if self.tradable:
-                    # int(random() * n) rather than randrange(n): a third of the cost on the hot path.
-                    m = self.tradable[int(self.trade_rng.random() * len(self.tradable))]
-                    self._trade(m, pub_ms)
-            elif t_next == self.next_book:
+            if t_next == self.next_book:
                 self.next_book += self._draw(self.book_rng, self.opts.book_rate)
                 if self.tradable:
                     self._book_change(self.tradable[self.book_rng.randrange(len(self.tradable))])
@@ -216,8 +217,31 @@ class Exchange:
         return done
 
     # -- trades ---------------------------------------------------------------------
+    def _trades(self, t_until: float, pub_ms: int, budget: int) -> int:
+        """The run of transactions due by t_until (no other event comes before them; a
+        trade wins a tie), at most `budget`; returns how many were applied."""
+        rng, rate, tradable, epoch_ms, trade = self.trade_rng, self.tx_rate, self.tradable, self.epoch_ms, self._trade
+        t = self.next_trade
+        done = 0
+        while t <= t_until and done < budget:
+            self.t = t
+            self.now_ms = epoch_ms + int(t * 1000)
+            t += rng.expovariate(rate)  # rate > 0, else next_trade would be inf
+            if tradable:
+                # int(random() * n) rather than randrange(n): a third of the cost on the hot path.
+                trade(tradable[int(rng.random() * len(tradable))], pub_ms)
+            done += 1
+        self.next_trade = t
+        self.events += done
+        return done
+
     def _trade(self, m: Market, pub_ms: int) -> None:
-        """One transaction of 1-4 taker fills on one token; fills consume the best level(s)."""
+        """One transaction of 1-4 taker fills on one token; fills consume the best level(s).
+
+        The hot path of the engine (one call per transaction): the message text is the
+        market's per-token prefix (ids and fee, formatted once per market) plus the
+        fill's price and size plus the transaction's tail (side, time, hash).
+        """
         rng = m.rng
         book = m.book
         token = rng.getrandbits(1)
@@ -236,9 +260,14 @@ class Exchange:
         if self.opts.ts_jitter_ms:
             ts -= rng.randint(0, self.opts.ts_jitter_ms)
         tok = m.tokens[token]
-        wants = self.sink.wants(tok)
-        if wants:
-            txh = tx_hash(self.seed, txno)
+        emit = self.sink.emit if self.sink.wants(tok) else None
+        if emit is not None:
+            head = m.trade_head[token] if m.trade_head else self._trade_heads(m)[token]
+            tail = (f'","fee_rate_bps":"{m.fee_rate_bps}","side":"{SIDE_TEXT[side]}","timestamp":"{ts}"'
+                    f',"event_type":"last_trade_price","transaction_hash":"{self.tx_hash(txno)}"}}')
+            assets = (tok,)
+        append = self.ledger.append
+        index = m.index
         size = 0
         for k in range(nfills):
             if not levels:
@@ -246,7 +275,11 @@ class Exchange:
             p0 = min(levels) if takes_asks else max(levels)
             avail = levels[p0]
             if k == 0 or rng.random() < 0.5 or size > avail:
-                size = min(100 + int(rng.random() * max(1, min(avail, 100_000) - 99)), avail)
+                # min(100 + int(random() * max(1, min(avail, 100_000) - 99)), avail), without the calls
+                span = (avail if avail < 100_000 else 100_000) - 99
+                size = 100 + int(rng.random() * (span if span > 1 else 1))
+                if size > avail:
+                    size = avail
             # else: an exact repeat of the previous fill's price, size and side
             left = avail - size
             if left > 0:
@@ -254,14 +287,10 @@ class Exchange:
             else:
                 del levels[p0]
             price = p0 if token == 0 else ONE - p0
-            self.ledger.append(m.index, token, price, size, side, ts, txno, pub_ms)
+            append(index, token, price, size, side, ts, txno, pub_ms)
             m.volume_cents += size * price // ONE
-            if wants:
-                self.sink.emit((tok,), (
-                    '{"market":"%s","asset_id":"%s","price":"%s","size":"%s","fee_rate_bps":"%s",'
-                    '"side":"%s","timestamp":"%d","event_type":"last_trade_price","transaction_hash":"%s"}'
-                    % (m.condition_id, tok, PRICE_TEXT[price], size_text(size), m.fee_rate_bps,
-                       SIDE_TEXT[side], ts, txh)))
+            if emit is not None:
+                emit(assets, f'{head}{PRICE_TEXT[price]}","size":"{SIZE_TEXT[size]}{tail}')
         m.last_trade[token] = (price, side)
         m.updated_ms = ts
         if len(levels) < 3:
@@ -270,6 +299,12 @@ class Exchange:
         m.book_ms = ts
         self._traded.add(m.index)
         self._touched.add(m.index)
+
+    @staticmethod
+    def _trade_heads(m: Market) -> tuple[str, str]:
+        """The fixed start of a market's `last_trade_price` texts, per token (up to the price)."""
+        m.trade_head = tuple('{"market":"%s","asset_id":"%s","price":"' % (m.condition_id, tok) for tok in m.tokens)
+        return m.trade_head
 
     def _replenish(self, m: Market, asks: bool) -> None:
         """Add up to 3 levels behind the worst level of one side (never crossing the other side)."""
@@ -371,20 +406,19 @@ class Exchange:
             if index in self._traded and self.opts.trade_book_updates:
                 for k, tok in enumerate(m.tokens):
                     if self.sink.wants(tok):
-                        self.sink.emit((tok,), json.dumps(self.book_summary(m, k, ws=True, initial=False),
-                                                          separators=(",", ":")))
+                        self.sink.emit((tok,), self.book_text(m, k, initial=False))
             if top != m.top_sent:
                 m.top_sent = top
                 for k, tok in enumerate(m.tokens):
                     if self.sink.wants(tok):
                         bb, ba = book.best_bid(k), book.best_ask(k)
-                        self.sink.emit((tok,), json.dumps({
-                            "market": m.condition_id, "asset_id": tok,
-                            "best_bid": PRICE_TEXT[bb] if bb is not None else "0",
-                            "best_ask": PRICE_TEXT[ba] if ba is not None else "0",
-                            "spread": PRICE_TEXT[ba - bb] if bb is not None and ba is not None else "0",
-                            "timestamp": str(self.now_ms), "event_type": "best_bid_ask"},
-                            separators=(",", ":")), custom_only=True)
+                        # Compact JSON of plain strings, formatted directly (one per touched token).
+                        self.sink.emit((tok,), (
+                            f'{{"market":"{m.condition_id}","asset_id":"{tok}",'
+                            f'"best_bid":"{PRICE_TEXT[bb] if bb is not None else "0"}",'
+                            f'"best_ask":"{PRICE_TEXT[ba] if ba is not None else "0"}",'
+                            f'"spread":"{PRICE_TEXT[ba - bb] if bb is not None and ba is not None else "0"}",'
+                            f'"timestamp":"{self.now_ms}","event_type":"best_bid_ask"}}'), custom_only=True)
         self._touched.clear()
         self._traded.clear()
 
@@ -440,6 +474,17 @@ class Exchange:
             m.state = "open"
             m.updated_ms = self.now_ms
             self.tradable.append(m)
+
+    def book_text(self, m: Market, token: int, initial: bool) -> str:
+        """json.dumps(book_summary(m, token, ws=True, initial), compact), formatted directly:
+        the summary once with hash "", its SHA-1, then the same text with the hash in."""
+        last = m.last_trade[token]
+        extra = (f',"tick_size":"{TICK_TEXT[m.book.tick]}","last_trade_price":"{PRICE_TEXT[last[0]] if last else ""}"'
+                 if initial else "")
+        head = f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}","hash":"'
+        rest = f'",{m.book.levels_text(token)}{extra}'
+        digest = hashlib.sha1(f"{head}{rest}}}".encode()).hexdigest()
+        return f'{head}{digest}{rest},"event_type":"book"}}'
 
     # -- views used by the REST surfaces ----------------------------------------------------
     def book_summary(self, m: Market, token: int, ws: bool = False, initial: bool = True) -> dict:

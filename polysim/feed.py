@@ -38,6 +38,7 @@ from polysim.options import Options
 log = logging.getLogger("polysim.feed")
 
 UNKNOWN_EVENT = '{"event_type":"polysim_unknown_event","market":"0x00","payload":{"note":"ignore me"},"timestamp":"%d"}'
+WRITE_BUFFER = 8 * 1024 * 1024  # bytes a connection's transport may hold before its writer waits (small next to max_pending)
 MALFORMED = ('{"event_type":"last_trade_price","market":"0x', "NOT JSON AT ALL", '[{"event_type":"book",')
 
 
@@ -75,6 +76,7 @@ class Feed:
         self.dirty: set[Conn] = set()
         self.dropped_slow = 0
         self.messages_out = 0
+        self.connections_total = 0  # WebSocket upgrades accepted since start
 
     # -- Sink --------------------------------------------------------------------------
     def wants(self, asset: str) -> bool:
@@ -122,8 +124,14 @@ class Feed:
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024 * 1024, compress=False)
         await ws.prepare(request)
+        if request.transport is not None:
+            # Let a few array frames queue in the transport before the writer waits for the
+            # socket: with asyncio's 64 KiB default, each frame of 500 trades waits for a drain,
+            # i.e. for the next turn of a loop the engine keeps busy.
+            request.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         c = Conn(ws, request)
         self.conns.add(c)
+        self.connections_total += 1
         c.writer = asyncio.get_running_loop().create_task(self._writer(c))
         try:
             async for msg in ws:
@@ -211,9 +219,9 @@ class Feed:
             # Past max_dump_assets the real server silently skips snapshots (deltas still flow).
             if (dump and hit is not None and hit[0].tradable(x.now_ms)
                     and len(c.assets) <= self.opts.max_dump_assets):
-                books.append(x.book_summary(hit[0], hit[1], ws=True, initial=True))
+                books.append(x.book_text(hit[0], hit[1], initial=True))
         if books:
-            c.frames.append(json.dumps(books, separators=(",", ":")))
+            c.frames.append("[" + ",".join(books) + "]")
             c.wake.set()
 
     def _unsubscribe(self, c: Conn, ids: list[str]) -> None:
@@ -299,8 +307,7 @@ class Feed:
             for a in list(c.assets)[:50]:
                 hit = x.by_token.get(a)
                 if hit is not None and hit[0].tradable(x.now_ms):
-                    books.append(json.dumps(x.book_summary(hit[0], hit[1], ws=True, initial=True),
-                                            separators=(",", ":")))
+                    books.append(x.book_text(hit[0], hit[1], initial=True))
             if not books:
                 continue
             parts, total, k = [], 0, 0

@@ -87,6 +87,7 @@ class Market:
     book_ms: int = 0  # time of the last book change (the book's `timestamp`)
     top_sent: tuple | None = None  # last best bid/ask announced by best_bid_ask
     proposal_mid: int | None = None  # token 0 mid when trading stopped (Gamma's price while proposed)
+    trade_head: tuple | None = None  # per token, the fixed start of its trade messages (Exchange._trade_heads)
 
     @property
     def closed(self) -> bool:

@@ -112,6 +112,7 @@ class Server:
         r.add_get("/ws/market", self.feed.handle)
         r.add_get("/_sim/health", self._health)
         r.add_get("/_sim/ledger", self._ledger)
+        r.add_get("/_sim/ledger.tsv", self._ledger_tsv)
         r.add_get("/_sim/faults", self._faults_get)
         r.add_post("/_sim/faults", self._faults_post)
         r.add_delete("/_sim/faults", self._faults_delete)
@@ -199,27 +200,44 @@ class Server:
             "ok": True, "seed": self.opts.seed, "sim_time": round(x.t, 3), "now_ms": x.now_ms,
             "events": x.events, "trades": len(x.ledger), "markets": len(x.markets),
             "open_markets": len(x.tradable), "connections": len(self.feed.conns),
+            "ws_connections_total": self.feed.connections_total, "subscribed_assets": len(self.feed.subs),
             "ws_messages_out": self.feed.messages_out, "ws_dropped_slow": self.feed.dropped_slow,
             "engine_lag_s": round(self.engine_lag, 3), "port": self.port,
         })
+
+    def _ledger_window(self, request: web.Request) -> tuple[int, int, int]:
+        """(since, end, total) of a ledger read from ?since=i&limit=n; ValueError on bad numbers."""
+        since = int(request.query.get("since", "0"))
+        limit = int(request.query.get("limit", str(1 << 40)))
+        total = len(self.exchange.ledger)
+        since = max(0, min(since, total))
+        return since, min(total, since + max(0, limit)), total
 
     async def _ledger(self, request: web.Request) -> web.Response:
         """{"trades": [...], "next": i, "total": n}: trades[since : since+limit] in publish order."""
         led = self.exchange.ledger
         try:
-            since = int(request.query.get("since", "0"))
-            limit = int(request.query.get("limit", str(1 << 40)))
+            since, end, total = self._ledger_window(request)
         except ValueError:
             return _json(400, {"error": "since and limit must be integers"})
-        total = len(led)
-        since = max(0, min(since, total))
-        end = min(total, since + max(0, limit))
         markets = self.exchange.markets
         # Formatting millions of entries takes seconds: do it in a thread so the engine and the
         # WebSocket writers keep running (the GIL is shared, the event loop is not blocked).
         text = await asyncio.get_running_loop().run_in_executor(None, led.json_range, since, end, markets)
         return web.Response(text='{"trades":%s,"next":%d,"total":%d}' % (text, end, total),
                             content_type="application/json")
+
+    async def _ledger_tsv(self, request: web.Request) -> web.Response:
+        """trades[since : since+limit] as tab-separated lines (Ledger.tsv_range); headers
+        X-Ledger-Next and X-Ledger-Total say where the next read starts and how many exist."""
+        try:
+            since, end, total = self._ledger_window(request)
+        except ValueError:
+            return _json(400, {"error": "since and limit must be integers"})
+        led, markets = self.exchange.ledger, self.exchange.markets
+        body = await asyncio.get_running_loop().run_in_executor(None, led.tsv_range, since, end, markets)
+        return web.Response(body=body, content_type="text/tab-separated-values",
+                            headers={"X-Ledger-Next": str(end), "X-Ledger-Total": str(total)})
 
     async def _faults_get(self, request: web.Request) -> web.Response:
         return _json(200, {"faults": self.faults.describe()})

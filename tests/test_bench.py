@@ -2,7 +2,8 @@
 
 These are not timed tests: they assert only that each benchmark completes from
 this checkout with the README's command (`python -m bench NAME`) and ends with one
-JSON object. The figures themselves are read by people (README "Performance").
+JSON object (and, for the exchange, that it lost and duplicated nothing). The
+figures themselves are read by people (README "Performance").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ QUICK = {
     "storage": ["--rows", "3000", "--naive-rows", "200", "--book-rows", "300", "--replay-rows", "2000", "--rounds", "1"],
     "books": ["--markets", "60", "--cycles", "1"],
     "ingest": ["--quick"],
+    "exchange": ["--quick"],
     "parse": ["--quick"],
     "polysim_rate": ["--rates", "2000", "--seconds", "1", "--warmup", "0.5", "--markets", "10"],
     "supervisor": ["--quick"],
@@ -44,3 +46,6 @@ def test_benchmark_quick_mode_completes_and_prints_json(name, pg_server_dsn, tmp
     last = proc.stdout.strip().splitlines()[-1]
     figures = json.loads(last)
     assert isinstance(figures, dict) and figures, last
+    if name == "exchange":  # nothing lost, nothing stored twice, every shard stopped cleanly
+        assert figures["expected"] > 0 and figures["missing"] == 0 and figures["duplicated"] == 0, last
+        assert all(s["exit"] == 0 for s in figures["per_shard"].values()), last

@@ -355,6 +355,91 @@ def test_ledger_text_equals_entries():
     assert fast == [x.ledger.entry(i, x.markets) for i in range(len(x.ledger))]
 
 
+def test_ledger_tsv_equals_the_json_ledger(polysim):
+    """The compact read carries each entry's accounting fields, pages with since/limit and
+    says where the next page starts; bad numbers get a 400."""
+    sim = polysim(markets=4, seed=3, trade_rate=300.0, multi_fill=0.5)
+    wait_for(lambda: sim.health()["trades"] >= 200)
+    with urllib.request.urlopen(sim.base_url + "/_sim/ledger.tsv?since=50&limit=100", timeout=30) as r:
+        assert r.headers["X-Ledger-Next"] == "150" and int(r.headers["X-Ledger-Total"]) >= 200
+        lines = r.read().decode().splitlines()
+    entries = sim.ledger(50)[:100]
+    assert len(lines) == len(entries) == 100
+    cols = ("index", "asset_id", "transaction_hash", "price", "size", "side", "timestamp", "published_ms")
+    for line, entry in zip(lines, entries):
+        assert line.split("\t") == [str(entry[c]) for c in cols]
+    assert get_error(sim.base_url + "/_sim/ledger.tsv?since=x")[0] == 400
+    health = sim.health()
+    assert health["subscribed_assets"] == 0 and health["ws_connections_total"] == 0
+
+
+def test_ws_book_text_equals_the_json_of_the_summary():
+    """The directly formatted WS `book` (dumps and refreshes) is byte for byte the compact
+    JSON of book_summary(ws=True), for both tokens, empty and traded books."""
+    from polysim.exchange import Exchange
+    from polysim.options import Options
+
+    x = Exchange(Options(markets=60, seed=4, trade_rate=3000.0, multi_fill=0.5, book_rate=500.0), 1786000000000)
+    for step in range(1, 100):
+        x.advance(step * 0.01, 1786000000000 + step * 10)
+    for m in x.markets:
+        for token in (0, 1):
+            for initial in (True, False):
+                summary = x.book_summary(m, token, ws=True, initial=initial)
+                assert x.book_text(m, token, initial) == json.dumps(summary, separators=(",", ":"))
+
+
+def test_size_table_equals_size_text():
+    from polysim.book import SIZE_MAX, SIZE_TEXT, size_text
+
+    assert len(SIZE_TEXT) == SIZE_MAX + 1
+    assert all(SIZE_TEXT[c] == size_text(c) for c in range(SIZE_MAX + 1))
+
+
+def test_trades_do_not_depend_on_how_the_clock_is_stepped():
+    """The same trades and trade messages (every field) whether the engine runs in small
+    budgeted ticks or in one call, with every other event stream interleaved; each
+    message equals its ledger entry."""
+    from polysim.exchange import Exchange
+    from polysim.options import Options
+
+    class Sink:
+        def __init__(self):
+            self.trades = []
+
+        def wants(self, asset):
+            return True
+
+        def emit(self, assets, text, custom_only=False):
+            if '"last_trade_price"' in text:
+                self.trades.append(text)
+
+        def emit_global(self, text):
+            pass
+
+    opts = Options(markets=30, seed=9, trade_rate=2000.0, multi_fill=0.4, book_rate=200.0, resolve_rate=1.0,
+                   new_market_rate=1.0, clob_delay=0.5, resolve_delay=0.5, ts_jitter_ms=50)
+    runs = []
+    for step, budget in ((0.003, 7), (0.05, 1 << 30), (5.0, 1 << 30)):
+        sink = Sink()
+        x = Exchange(opts, 1786000000000, sink)
+        t = 0.0
+        while x.t < 5.0:
+            t = min(5.0, t + step)
+            while x.advance(t, 1786000005000, budget) == budget:
+                pass
+        entries = json.loads(x.ledger.json_range(0, len(x.ledger), x.markets))
+        runs.append((sink.trades, entries))
+    trades, entries = runs[0]
+    assert len(trades) == len(entries) > 5000
+    for other in runs[1:]:
+        assert other == runs[0]
+    for text, entry in zip(trades, entries):
+        msg = json.loads(text)
+        assert msg == {k: entry[k] for k in msg}, (msg, entry)
+        assert set(entry) - set(msg) == {"index", "published_ms"}
+
+
 def test_clob_batch_requests_naming_more_than_max_batch_ids_answer_400(polysim, python):
     sim = polysim(markets=3, seed=4, trade_rate=0.0, max_batch_ids=4)
     _, markets = get(sim.gamma_url + "/markets")

@@ -137,6 +137,70 @@ def trade_tokens(read: list[tuple]) -> dict[str, set[int]]:
     return seen
 
 
+def test_a_busy_owner_is_not_a_missing_pong_but_a_withheld_one_is(polysim):
+    """A PONG deadline passed while the owner did not read (its loop was busy) fails
+    nothing while the PONG waits unread; once read, all is well. A PONG the exchange
+    withholds still fails the connection after a read past the deadline."""
+    sim = polysim(markets=2, seed=19, trade_rate=0.0)
+    clock = Clock()
+    feed = Feed(sim.ws_url, WsOptions(ping_interval=10, pong_timeout=5, stall_timeout=60), clock=clock,
+                connect_stagger=0.0)
+
+    def poll_real(seconds: float) -> list[str]:
+        got, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            for conn, texts in feed.poll(0.05):
+                got += texts
+                if any(parse(t).pong for t in texts):
+                    conn.got_pong()
+        return got
+
+    try:
+        feed.set_tokens(tokens_of(sim))
+        feed.tick()
+        conn = feed.conns[0]
+        assert conn.state == OPEN
+        poll_real(0.5)  # the dump
+        clock.t += 10
+        feed.tick()  # PING sent, PONG due at +5
+        assert conn.pong_due == clock.t + 5
+        time.sleep(0.3)  # the PONG arrives; the owner is busy elsewhere
+        clock.t += 6
+        feed.tick()
+        assert conn.state == OPEN, "failed while its PONG was unread"
+        assert any(parse(t).pong for t in poll_real(0.3))
+        feed.tick()
+        assert conn.state == OPEN and conn.pong_due is None
+        sim.faults(surface="ws", kind="pong_withheld", duration=30)
+        clock.t += 10
+        feed.tick()  # PING, no PONG will come
+        time.sleep(0.3)
+        clock.t += 6
+        poll_real(0.2)  # read past the deadline: nothing there
+        feed.tick()
+        assert conn.state == CLOSED and "PONG" in conn.last_error
+    finally:
+        feed.close()
+
+
+def test_feed_places_both_tokens_of_a_market_on_one_socket():
+    """Given token -> condition id, a market's tokens share a socket (ids far apart in
+    token order); a plain token list is placed in token order. Nothing connects here."""
+    markets = {f"0x{m:064x}": (f"{m + 10}", f"{90 - m}") for m in range(20)}
+    by_token = {t: cid for cid, pair in markets.items() for t in pair}
+    feed = Feed("ws://127.0.0.1:9/ws/market", assets_per_socket=4)
+    plain = Feed("ws://127.0.0.1:9/ws/market", assets_per_socket=4)
+    try:
+        added, _ = feed.set_tokens(by_token)
+        assert sorted(added) == sorted(by_token) and len(feed.conns) == 10
+        assert all(feed.where[a] == feed.where[b] for a, b in markets.values())
+        plain.set_tokens(list(by_token))
+        assert sum(plain.where[a] == plain.where[b] for a, b in markets.values()) < len(markets)
+    finally:
+        feed.close()
+        plain.close()
+
+
 def test_feed_multiplexes_sockets_and_applies_changes_live(polysim):
     sim = polysim(markets=10, seed=13, trade_rate=200.0)
     tokens = tokens_of(sim)

@@ -5,10 +5,14 @@ stays on its connection for the process's life, so a transaction's fills always
 arrive through one socket, in order). The Feed, driven by the owner's loop:
   - `set_tokens(tokens)` applies a new followed set live: unsubscribe operations for
     tokens that left, subscribe operations (at most `ids_per_frame` ids a frame) for
-    new ones on open connections, new connections when the others are full;
-  - `tick()` sends heartbeats, enforces the PONG and stall deadlines, and opens due
-    connections one at a time, `connect_stagger` apart (a burst of upgrades draws
-    HTTP 429 from the exchange's edge);
+    new ones on open connections, new connections when the others are full. Given a
+    mapping token -> condition id, new tokens are placed in condition id order, so
+    both tokens of a market share a socket: a socket's gap then names each of its
+    markets once, and its backfill needs half the Data API requests;
+  - `tick()` sends heartbeats, enforces the PONG and stall deadlines (once the
+    sockets were read past them: a busy owner is not a silent exchange), and opens
+    due connections one at a time, `connect_stagger` apart (a burst of upgrades
+    draws HTTP 429 from the exchange's edge);
   - `poll(timeout)` waits on every open socket (and an optional wake fd) at once and
     returns the text messages read, with their connection (also those read just
     before a socket broke).
@@ -29,7 +33,7 @@ import json
 import logging
 import selectors
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from workers.ws import OPEN, Connection, ConnectionFailed, WsOptions
 
@@ -79,13 +83,15 @@ class Feed:
         self._fds: dict[int, int] = {}  # conn index -> registered fd
         self._wake_fd = -1
         self._next_connect = 0.0
+        self._read_at = float("-inf")  # clock time of the last poll (tick() judges deadlines by it)
 
     # -- followed set ---------------------------------------------------------
-    def set_tokens(self, tokens: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Apply the wanted token set; returns (added, removed)."""
+    def set_tokens(self, tokens: Iterable[str] | Mapping[str, str | None]) -> tuple[list[str], list[str]]:
+        """Apply the wanted token set (or token -> condition id); returns (added, removed)."""
         wanted = set(tokens)
+        group = tokens.get if isinstance(tokens, Mapping) else (lambda token: None)
         removed = [t for t in self.where if t not in wanted]
-        added = sorted(t for t in wanted if t not in self.where)
+        added = sorted((t for t in wanted if t not in self.where), key=lambda t: (group(t) or "", t))
         gone: dict[int, list[str]] = {}
         for token in removed:
             index = self.where.pop(token)
@@ -166,12 +172,20 @@ class Feed:
         self.selector.register(fd, selectors.EVENT_READ, None)
 
     def tick(self) -> None:
-        """Deadlines, heartbeats, and at most one due connect (stagger)."""
+        """Deadlines, heartbeats, and at most one due connect (stagger).
+
+        A connection past a deadline is judged by what the last poll() read: with data
+        still unread on it (the owner's loop was busy: a followed-set read of 100,000
+        rows takes seconds on a loaded machine) the verdict waits for the next poll.
+        """
         now = self.clock()
         for conn in self.conns:
             if conn.state == OPEN:
+                read_at = self._read_at
+                if conn.overdue(now) and conn.unread():
+                    read_at = float("-inf")
                 try:
-                    conn.tick(now)
+                    conn.tick(now, read_at)
                 except ConnectionFailed as err:
                     self._failed(conn, str(err))
         if now < self._next_connect:
@@ -200,6 +214,7 @@ class Feed:
             ready = self.selector.select(max(0.0, timeout))
         except InterruptedError:
             return out
+        self._read_at = self.clock()  # what had arrived by now is read below
         for key, _ in ready:
             conn = key.data
             if conn is None:  # the wake fd: the owner drains it

@@ -12,7 +12,9 @@ While OPEN the owner calls, in any order:
   - `tick(now)` at least every second: sends the text `PING` every `ping_interval`,
     fails the connection when the `PONG` is late (`pong_timeout`) or when no data at all
     arrived for `stall_timeout` (a socket can stay open and silent), and resets the
-    backoff once the connection has been healthy for `stable_after`.
+    backoff once the connection has been healthy for `stable_after`. Given `read_at`
+    (when the owner last read the socket to the end), a deadline is missed only once
+    the socket was read after it: a busy owner is not a silent exchange.
 Every blocking call has a timeout: the handshake `connect_timeout`, a read that has
 started a frame `read_timeout`.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 import ssl
 import time
 from dataclasses import dataclass
@@ -159,6 +162,11 @@ class Rx:
         backfill margin covers.
         """
         return min(self.last_wall, self.newest_ms / 1000.0) if self.newest_ms else 0.0
+
+
+def _judged(deadline: float, now: float, read_at: float | None, grace: float) -> bool:
+    """Whether a deadline passed at `deadline` is missed now (see Connection.tick)."""
+    return read_at is None or read_at > deadline or now > deadline + grace
 
 
 class Connection:
@@ -295,16 +303,41 @@ class Connection:
     def got_pong(self) -> None:
         self.pong_due = None
 
-    def tick(self, now: float | None = None) -> None:
-        """Heartbeat and deadlines while OPEN. Raises ConnectionFailed when one is missed."""
+    def overdue(self, now: float) -> bool:
+        """A PONG or data deadline has passed (tick() may fail the connection)."""
+        return (self.pong_due is not None and now > self.pong_due) or now - self.last_rx > self.options.stall_timeout
+
+    def unread(self) -> bool:
+        """Data waiting for read(): in our buffer or on the socket."""
+        ws = self.ws
+        if ws is None or ws.sock is None:
+            return False
+        if ws.buffered():
+            return True
+        try:
+            return bool(select.select([ws.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
+    def tick(self, now: float | None = None, read_at: float | None = None) -> None:
+        """Heartbeat and deadlines while OPEN. Raises ConnectionFailed when one is missed.
+
+        `read_at`: when the owner last read the socket to the end (None: do not ask). A
+        missed deadline counts once the socket was read after it: an owner whose loop
+        was busy (a slow database call) has the PONG or the data unread, and that is
+        not the exchange's fault. Past the deadline plus its own length it counts
+        whatever was read (a reader that far behind reconnects and backfills).
+        """
         if self.state != OPEN:
             return
         now = self.clock() if now is None else now
         opts = self.options
-        if self.pong_due is not None and now > self.pong_due:
+        if (self.pong_due is not None and now > self.pong_due
+                and _judged(self.pong_due, now, read_at, opts.pong_timeout)):
             self.fail(f"no PONG within {opts.pong_timeout:g}s")
             raise ConnectionFailed(self.last_error)
-        if now - self.last_rx > opts.stall_timeout:
+        if (now - self.last_rx > opts.stall_timeout
+                and _judged(self.last_rx + opts.stall_timeout, now, read_at, opts.stall_timeout)):
             self.fail(f"stalled: no data for {opts.stall_timeout:g}s")
             raise ConnectionFailed(self.last_error)
         if now >= self.next_ping:
