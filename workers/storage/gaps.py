@@ -30,6 +30,16 @@ def followed(db: Database) -> dict[str, tuple[str | None, datetime | None]]:
     return {token: (condition, since) for token, condition, since in rows}
 
 
+def followed_version(db: Database) -> tuple[int, int]:
+    """A fingerprint of the followed set (how many tokens, and an order-free sum of their
+    ids' and markets' hashes): equal fingerprints mean the set did not change, so a
+    listener need not read 100,000 rows again to find that out."""
+    (count, total), = db.query(
+        "SELECT count(*), COALESCE(sum(hashtext(token_id || '|' || COALESCE(condition_id, ''))), 0)"
+        " FROM followed_tokens")
+    return int(count), int(total)
+
+
 def coverage(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
     """token_id -> covered_until, for the tokens that have a coverage mark."""
     rows = db.query("SELECT token_id, covered_until FROM feed_coverage WHERE token_id = ANY(%s)", (list(tokens),))
