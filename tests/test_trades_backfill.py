@@ -399,3 +399,21 @@ def test_fills_in_adjacent_reads_meet_however_long_the_pause_between():
     second = [[TOKEN, COND, "t", "0.5", "10", "BUY", "0xa", None, "0", "ws", None]]
     ordinals.number(second, "R")
     assert (first[0][7], second[0][7]) == ("0", "1")
+
+
+def test_pending_is_cheap_and_right_with_many_gaps_waiting():
+    """pending() runs every loop turn: with 20,000 start gaps waiting it must answer from
+    the earliest due time, and still say True exactly when the first gap is due."""
+    wall = [1_786_000_000.0]
+    queue = BackfillQueue(lambda url, params: [], "http://x/data", shard="0/1", delay=60.0, margin=5.0, settle=0.0,
+                          wall=lambda: wall[0])
+    start = EPOCH + timedelta(seconds=wall[0] - 100)
+    for i in range(20_000):
+        queue.add(Gap(str(i), COND, start, start + timedelta(seconds=50 + i % 7), "start"))
+    due = min(queue._due_at(g) for g in queue.waiting)
+    assert not queue.pending(due - 0.01) and queue.pending(due)
+    import time as clock
+    began = clock.perf_counter()
+    for _ in range(1000):
+        queue.pending(due - 0.01)
+    assert clock.perf_counter() - began < 0.05  # 1,000 calls: no walk over 20,000 gaps each

@@ -213,6 +213,7 @@ class BackfillQueue:
         self.refusals = max(1, refusals)
         self.wall = wall
         self.waiting: list[Gap] = []
+        self._next_due = math.inf  # the earliest _due_at of waiting: pending() runs every loop turn
         self.jobs: list[Job] = []
         self.ended: list[dict] = []  # rows of gaps that ended unrecoverable, not yet returned
         self.requests = 0
@@ -232,6 +233,7 @@ class BackfillQueue:
         if gap.ended_at is None:
             raise ValueError("only closed gaps are backfilled")
         self.waiting.append(gap)
+        self._next_due = min(self._next_due, self._due_at(gap))
 
     def _due_at(self, gap: Gap) -> float:
         """When a gap may be fetched: `delay` after its end, and never before its whole
@@ -242,10 +244,13 @@ class BackfillQueue:
 
     def _plan(self, now: float) -> None:
         """Group due gaps by window into jobs."""
+        if now < self._next_due:
+            return
         due = [g for g in self.waiting if self._due_at(g) <= now]
+        self.waiting = [g for g in self.waiting if self._due_at(g) > now]
+        self._next_due = min(map(self._due_at, self.waiting), default=math.inf)
         if not due:
             return
-        self.waiting = [g for g in self.waiting if self._due_at(g) > now]
         windows: dict[tuple[int, int], list[Gap]] = {}
         for gap in due:
             if not gap.condition_id:
@@ -262,7 +267,7 @@ class BackfillQueue:
 
     def pending(self, now: float) -> bool:
         """True when step() has a request to make now."""
-        return bool(self.jobs or self.ended) or any(self._due_at(g) <= now for g in self.waiting)
+        return bool(self.jobs or self.ended) or now >= self._next_due
 
     def step(self, tokens: set[str]) -> Done | None:
         """Make at most one request; return a Done when a job finished.
