@@ -59,11 +59,10 @@ if ROOT not in sys.path:
 import psycopg2  # noqa: E402
 
 from bench import _polysim  # noqa: E402
-from bench.ingest import cpu_seconds, pct, with_schema  # noqa: E402
+from bench.ingest import cpu_seconds, fork_collector, pct, with_schema  # noqa: E402
 
 from workers.messages import canon_decimal  # noqa: E402
 from workers.storage import migrate  # noqa: E402
-from workers.trades import TradesCollector  # noqa: E402
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 SAMPLE_TOKENS = 500
@@ -108,29 +107,6 @@ def follow(base: str, dsn: str) -> list[str]:
         cur.copy_expert("COPY followed_tokens (token_id, condition_id, outcome) FROM STDIN", io.StringIO(text))
     conn.close()
     return [t for t, _, _ in rows]
-
-
-def fork_shard(port: int, dsn: str, data_dir: str, name: str, shard: int, shards: int, options: dict) -> int:
-    base = f"http://127.0.0.1:{port}"
-    opts = dict(backfill_delay="1", backfill_settle="0", backfill_margin="1", backfill_page="10000")
-    opts.update(options)
-    collector = TradesCollector(name=name, dsn=dsn, data_dir=data_dir, ws_url=f"ws://127.0.0.1:{port}/ws/market",
-                                data_url=base + "/data", gamma_url=base + "/gamma", clob_url=base + "/clob",
-                                shard=shard, shards=shards, **opts)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: collector.stop())
-            collector.run()
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    return pid
 
 
 class LedgerCopy:
@@ -300,7 +276,7 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         for i in range(args.shards):
             name = f"trades.{i}.{run}"
-            pids[name] = fork_shard(port, dsn, data_dir, name, i, args.shards, options)
+            pids[name] = fork_collector(port, dsn, data_dir, options, name=name, shard=i, shards=args.shards)
         ledger.start()  # threads after the forks
         health = lambda: get(base + "/_sim/health")  # noqa: E731
         wait_until("every token subscribed", lambda: health()["subscribed_assets"] >= len(tokens), 300, 0.1, proc)

@@ -96,12 +96,15 @@ def follow(dsn: str, listed: list[tuple[dict, str, str]]) -> list[str]:
     return [token for _, token, _ in listed]
 
 
-def fork_collector(port: int, dsn: str, data_dir: str, options: dict) -> int:
+def fork_collector(port: int, dsn: str, data_dir: str, options: dict, *, name: str = "trades.0", shard: int = 0,
+                   shards: int = 1) -> int:
+    """Fork one TradesCollector shard against polysim (backfill scaled down for a benchmark)."""
     base = f"http://127.0.0.1:{port}"
-    collector = TradesCollector(name="trades.0", dsn=dsn, data_dir=data_dir, ws_url=f"ws://127.0.0.1:{port}/ws/market",
+    opts = dict(backfill_delay="1", backfill_settle="0", backfill_margin="1", backfill_page="10000")
+    opts.update(options)
+    collector = TradesCollector(name=name, dsn=dsn, data_dir=data_dir, ws_url=f"ws://127.0.0.1:{port}/ws/market",
                                 data_url=base + "/data", gamma_url=base + "/gamma", clob_url=base + "/clob",
-                                backfill_delay="1", backfill_settle="0", backfill_margin="1", backfill_page="10000",
-                                refresh_interval="2", **options)
+                                shard=shard, shards=shards, **opts)
     pid = os.fork()
     if pid == 0:
         code = 0
@@ -170,7 +173,7 @@ def main(argv: list[str]) -> int:
         tokens = follow(dsn, listed)
         sample = sorted(tokens)[:: max(1, args.sample)]
         options = dict(o.split("=", 1) for o in args.option)
-        pid = fork_collector(port, dsn, data_dir, options)
+        pid = fork_collector(port, dsn, data_dir, {"refresh_interval": "2", **options})
         mon = psycopg2.connect(dsn)
         mon.autocommit = True
         cur = mon.cursor()

@@ -161,19 +161,6 @@ class Ordinals:
         self.old: dict[int, int] = {}
         self.rotate_at = clock() + memory
 
-    @staticmethod
-    def key(token: str, tx_or_ts: str, price: str, size: str, side: str) -> int:
-        first = hash((token, tx_or_ts, price, size, side))
-        return (first << 64) | (hash((side, size, price, tx_or_ts, token)) & _LOW64)
-
-    def next(self, key: int) -> int:
-        """This fill's ordinal: how many identical fills came before it (then one more)."""
-        seen = self.current.get(key)
-        if seen is None:
-            seen = self.old.pop(key, 0)
-        self.current[key] = seen + 1
-        return seen
-
     def number(self, rows: list[list], received_at: str) -> None:
         """Fill in the ordinal and received_at of trades rows (workers.messages.TRADE_COLUMNS)."""
         current, old, texts = self.current, self.old, ORDINAL_TEXT
@@ -190,8 +177,10 @@ class Ordinals:
 
     def assign(self, row: dict) -> None:
         """number() for one row as a dict (backfill-shaped rows; tests)."""
-        tx = row["tx_hash"] or str(row["ts"])
-        row["ordinal"] = self.next(self.key(row["token_id"], tx, row["price"], row["size"], row["side"]))
+        one = [row["token_id"], None, str(row["ts"]), row["price"], row["size"], row["side"], row["tx_hash"],
+               None, None, None, None]
+        self.number([one], None)
+        row["ordinal"] = int(one[ORDINAL])
 
     def maybe_rotate(self) -> None:
         now = self.clock()
