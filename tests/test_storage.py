@@ -12,6 +12,7 @@ import pytest
 
 from workers.storage import TABLES, Writer, migrate
 from workers.storage.migrate import discover
+from workers.storage.spool import Spool
 from tests.conftest import query as fetch
 
 TOKEN = "71321045679252212594626385532706912750332728571942532289631379312455583992563"  # 77 digits
@@ -253,6 +254,8 @@ def sample_rows():
                          "winning_outcome": "Yes", "payouts": ["1", "0"], "status": "resolved", "resolved_at": T0}],
         "feed_gaps": [{"token_id": TOKEN, "started_at": T0, "ended_at": T0 + timedelta(seconds=5),
                        "reason": "disconnect", "shard": "trades.0"}],
+        "feed_coverage": [{"token_id": TOKEN, "covered_until": T0, "shard": "0/1", "condition_id": "0xc1"},
+                          {"token_id": TOKEN78, "covered_until": T0, "shard": "0/1"}],
     }
 
 
@@ -325,6 +328,48 @@ def test_feed_gap_rewrite_fills_in_recovery(writer, db):
                               "recovered_at": T0 + timedelta(seconds=9), "recovered_trades": 4}])
     writer.flush()
     assert fetch(db, "SELECT reason, shard, recovered_trades FROM feed_gaps") == [("disconnect", "trades.0", 4)]
+
+
+def test_coverage_marks_move_forward_only_and_wake_a_released_mark(writer, db):
+    def mark(seconds, **extra):
+        return dict({"token_id": TOKEN, "covered_until": T0 + timedelta(seconds=seconds), "shard": "0/1"}, **extra)
+
+    writer.add("feed_coverage", [mark(5, condition_id="0xc1")])
+    writer.flush()
+    writer.add("feed_coverage", [mark(3, shard="1/2")])  # an older mark: no change at all
+    writer.flush()
+    assert fetch(db, "SELECT covered_until - %s, shard, condition_id FROM feed_coverage", (T0,)) == [
+        (timedelta(seconds=5), "0/1", "0xc1")]
+    with psycopg2.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE feed_coverage SET released_at = now()")
+    conn.close()
+    writer.add("feed_coverage", [mark(9), mark(7)])  # one batch: the last row of a key wins
+    writer.flush()
+    assert fetch(db, "SELECT covered_until - %s, released_at, condition_id FROM feed_coverage", (T0,)) == [
+        (timedelta(seconds=7), None, "0xc1")]
+
+
+def test_a_coverage_mark_is_never_durable_before_the_trades_it_vouches_for(db, tmp_path):
+    """Marks are the last table of a batch; spooled (database down), trades and marks
+    replay in the order they were handed over, in one transaction per record batch."""
+    spool = tmp_path / "spool"
+    down = Writer("host=127.0.0.1 port=1 dbname=nowhere", spool, name="cov", connect_timeout=1,
+                  background=False).open()
+    down.add("feed_coverage", [{"token_id": TOKEN, "covered_until": T0 + timedelta(seconds=1), "shard": "0/1"}])
+    down.add("trades", [trade(ordinal=0)])
+    down.flush()
+    down.close()
+    reader = Spool(spool / "cov")
+    reader.open()
+    try:
+        assert [record.table for seg in reader.segments() for record, _ in reader.read(seg)] == [
+            "trades", "feed_coverage"]
+    finally:
+        reader.close()
+    up = Writer(db, spool, name="cov", background=False).open()
+    up.close()
+    assert fetch(db, "SELECT count(*) FROM trades") == [(1,)]
+    assert fetch(db, "SELECT covered_until - %s FROM feed_coverage", (T0,)) == [(timedelta(seconds=1),)]
 
 
 def test_feed_gap_recovery_counts_only_for_the_end_it_was_fetched_for(writer, db):

@@ -25,7 +25,7 @@ from workers.trades import TradesCollector
 
 FAST = dict(
     ping_interval="0.5", pong_timeout="1.0", stall_timeout="2.0", connect_timeout="3", read_timeout="3",
-    backoff_initial="0.1", backoff_max="1.0", stable_after="2", refresh_interval="0.5",
+    backoff_initial="0.1", backoff_max="1.0", stable_after="2", refresh_interval="0.5", adopt_interval="1",
     coverage_interval="0.3", backfill_delay="0.3", backfill_margin="2", backfill_settle="0", connect_stagger="0.05",
     flush_age="0.1", backfill_rate="0",
 )

@@ -50,8 +50,9 @@ The exchange replays nothing, sends no sequence numbers and no trade ids, so
    from it, capped by its last data (workers.ws.Rx.vouched), never at the time we
    read it; a loop lagging behind the exchange has messages published before its
    last read still unread, and a drop or kill -9 loses them. The coverage mark is
-   the same time, and only advances after a Writer flush made the earlier rows
-   durable. Messages read just before a socket broke are handled, not dropped.
+   the same time; it is a row queued in the Writer behind the rows received before
+   it, so it is durable only with or after them (workers/storage/tables.py,
+   FEED_COVERAGE). Messages read just before a socket broke are handled, not dropped.
    A gap row is written when it opens (ended_at NULL) and again when it closes and
    when it is recovered (feed_gaps merges on (token_id, started_at)).
 
@@ -79,10 +80,12 @@ tokens of a market, and so one Data API query per market, belong to one process.
 (workers/storage/followed.py's shard_of splits by token, which would put the two
 tokens of a market in two processes that then both query the market's trades.)
 
-Trade-offs, on purpose: the coverage mark is advanced after a synchronous
-Writer.flush() every `coverage_interval`, which can hold the socket loop for one
-batch commit; a database slow enough to delay PONG handling past `pong_timeout`
-causes a reconnect, i.e. one more gap, never a loss. Backfill requests run in the
+Trade-offs, on purpose: coverage marks move every `coverage_interval`, or less often
+when a process follows so many tokens that one row each would load the database
+(`coverage_rate`); a later mark only lengthens the backfill after a restart. The
+followed-set and gap reads of `_refresh` are synchronous; a database slow enough to
+delay PONG handling past `pong_timeout` causes a reconnect, i.e. one more gap, never
+a loss. Backfill requests run in the
 same loop, one per turn, with a client that neither retries nor waits long itself
 (the queue backs off), for the same reason. A listener that falls far behind the
 exchange sees its PONG queued behind the backlog and reconnects: the backlog is
@@ -214,7 +217,9 @@ class TradesCollector(Worker):
         "backoff_max": (float, 30.0),
         "stable_after": (float, 30.0),
         "refresh_interval": (float, 10.0),
+        "adopt_interval": (float, 60.0),  # re-read open gaps this often even if the followed set is unchanged
         "coverage_interval": (float, 2.0),
+        "coverage_rate": (float, 2000.0),  # coverage marks a second at most (see _cover_every)
         "backfill_delay": (float, 60.0),
         "backfill_margin": (float, 5.0),
         "backfill_settle": (float, 30.0),
@@ -224,6 +229,7 @@ class TradesCollector(Worker):
         "initial_lookback": (float, 0.0),
         "flush_rows": (int, 5000),
         "flush_age": (float, 0.1),
+        "min_turn": (float, 0.005),  # while busy, seconds between polls (frames gather meanwhile)
     }
 
     def __init__(self, **kwargs: Any):
@@ -234,7 +240,8 @@ class TradesCollector(Worker):
         for key in ("assets_per_socket", "ids_per_frame", "backfill_page", "backfill_markets"):
             if o[key] < 1:
                 raise OptionError(key, f"must be >= 1, got {o[key]}")
-        for key in ("ping_interval", "pong_timeout", "stall_timeout", "connect_timeout", "read_timeout"):
+        for key in ("ping_interval", "pong_timeout", "stall_timeout", "connect_timeout", "read_timeout",
+                    "coverage_rate"):
             if o[key] <= 0:
                 raise OptionError(key, f"must be > 0, got {o[key]}")
         if "ws_url" not in self.urls or "data_url" not in self.urls:
@@ -268,6 +275,9 @@ class TradesCollector(Worker):
         self._next_refresh = 0.0
         self._followed_version: tuple[int, int] | None = None  # store.followed_version at the last refresh
         self._next_cover = 0.0
+        self._next_adopt = 0.0
+        self._polled_at = 0.0
+        self._read_more = False  # the last poll read something
         self._backfill_after = 0.0
         self._backfill_failures = 0
 
@@ -315,7 +325,8 @@ class TradesCollector(Worker):
         """Run the event loop for up to half a second (the base loop calls it again).
 
         Each turn, in order: heartbeat -> followed-set refresh when due -> socket
-        deadlines and connects -> wait on the sockets until the nearest deadline ->
+        deadlines and connects -> (while busy, let frames gather for `min_turn` since the
+        last poll) -> wait on the sockets until the nearest deadline ->
         parse and queue what arrived -> coverage/gap bookkeeping -> Writer flush when
         due -> at most one backfill request.
         """
@@ -331,14 +342,21 @@ class TradesCollector(Worker):
             busy = self.backfill.pending(time.time()) and now >= self._backfill_after
             timeout = 0.0 if busy else min(self.feed.next_deadline(), end, self._next_cover) - time.monotonic()
             timeout = min(timeout, self.options["flush_age"])
+            if self._read_more and timeout > 0:
+                # Busy: let frames gather for up to `min_turn` since the last poll, so one
+                # turn's fixed cost (deadlines, bookkeeping, the wait itself) serves many.
+                time.sleep(max(0.0, min(timeout, self._polled_at + self.options["min_turn"] - time.monotonic())))
+            self._polled_at = time.monotonic()
+            self._read_more = False
             for conn, texts in self.feed.poll(timeout):
+                self._read_more = True
                 self._handle(conn, texts)
             self._drain_wake()
             self._apply_feed_events()
             self.ordinals.maybe_rotate()
             self.writer.maybe_flush()
             if time.monotonic() >= self._next_cover:
-                self._next_cover = time.monotonic() + self.options["coverage_interval"]
+                self._next_cover = time.monotonic() + self._cover_every()
                 self._cover()
             if busy:
                 self._backfill_step()
@@ -409,11 +427,17 @@ class TradesCollector(Worker):
         else:
             mine = {t: c for t, (c, _) in followed.items() if shard_of(c, t, self.shards) == self.shard}
             added = [t for t in mine if t not in self.tokens]
+        # The open gaps and unsettled marks (full reads: at 100,000 tokens their start gaps
+        # are 100,000 rows) change under us only when the followed set does, or when other
+        # processes die or change shape; so they are read then, and every `adopt_interval`.
+        adopt = followed is not None or time.monotonic() >= self._next_adopt
+        owed = marks = None
         try:
             if added:
                 self._load(added, {t: followed[t][1] for t in added})
-            owed = store.open_gaps(self.db)
-            marks = store.unreleased(self.db)
+            if adopt:
+                owed = store.open_gaps(self.db)
+                marks = store.unreleased(self.db)
         except Exception as err:
             self.failure(f"token state: {type(err).__name__}: {err}")
             log.warning("%s: cannot read coverage or open gaps: %s", self.name, err)
@@ -431,8 +455,10 @@ class TradesCollector(Worker):
             for gap in self.prior_gaps.pop(token, []):  # never went live here: they end now
                 gap.ended_at = gap.ended_at or now
                 self._close_gap(gap)
-        self._adopt(owed, now)
-        self._settle(marks, now)
+        if adopt:
+            self._adopt(owed, now)
+            self._settle(marks, now)
+            self._next_adopt = time.monotonic() + self.options["adopt_interval"]
         self._followed_version = version
         self._apply_feed_events()
 
@@ -551,34 +577,44 @@ class TradesCollector(Worker):
         self.stats["gaps_closed"] += 1
 
     def _cover(self) -> None:
-        """Flush, then move the coverage mark of every live token to the flush time.
+        """Move the coverage mark of every live token forward, through the Writer.
 
-        Also stores pending market announcements. Rows received before the mark are
-        durable when it moves (Writer.flush() commits or spools them).
+        In order: for each socket, the time it vouches for (workers.ws.Rx.vouched: the
+        newest exchange time read from it, capped by its last data, and by now); one
+        `feed_coverage` row per live token on it, queued behind the rows received before
+        it (the Writer makes a mark durable only with or after them: tables.py); then,
+        only when there is some, the rare synchronous work: releasing the marks of
+        unfollowed tokens once their debt's gap rows are durable (a flush first), and
+        storing market announcements. The socket loop never waits for a commit here.
         """
         from workers.storage import gaps as store
 
         mark = _now()
-        self.writer.flush()
         # A socket vouches for its tokens only up to the newest exchange time read from
-        # it, capped by its last data (workers.ws.Rx.vouched): a stall not yet detected,
-        # or a backlog not yet read (a lagging loop), must not be covered, because a
-        # kill -9 now would lose them.
+        # it, capped by its last data: a stall not yet detected, or a backlog not yet
+        # read (a lagging loop), must not be covered, because a kill -9 now would lose them.
         by_conn: dict[int, list[str]] = {}
         for token, at in self.live_at.items():
             if at <= mark and token in self.tokens and token in self.feed.where:
                 by_conn.setdefault(self.feed.where[token], []).append(token)
+        rows = []
+        covered, conditions, shard = self.covered, self.tokens, self.shard_label
+        for index, tokens in by_conn.items():
+            vouched = self.feed.conns[index].rx.vouched()
+            if not vouched:
+                continue  # nothing timestamped read from this socket yet: it vouches for nothing
+            until = min(mark, _dt(vouched))
+            text = until.isoformat()
+            for token in tokens:  # forward only, as in feed_coverage
+                if token not in covered or until > covered[token]:
+                    covered[token] = until
+                    # FEED_COVERAGE's columns, as text: updated_at NULL becomes now() in the database.
+                    rows.append([token, text, shard, None, conditions.get(token)])
+        self.writer.add_rows("feed_coverage", rows)
+        self.stats["coverage_marks"] += len(rows)
         try:
-            for index, tokens in by_conn.items():
-                vouched = self.feed.conns[index].rx.vouched()
-                if not vouched:
-                    continue  # nothing timestamped read from this socket yet: it vouches for nothing
-                until = min(mark, _dt(vouched))
-                store.set_coverage(self.db, tokens, until, self.shard_label, {t: self.tokens.get(t) for t in tokens})
-                for token in tokens:  # forward only, as in feed_coverage
-                    if token not in self.covered or until > self.covered[token]:
-                        self.covered[token] = until
             if self.releasing:
+                self.writer.flush()  # the gap rows recording their debt are durable first
                 store.release(self.db, self.releasing)
                 self.releasing = {}
             if self.market_pending:
@@ -593,9 +629,17 @@ class TradesCollector(Worker):
             log.warning("%s: coverage not recorded: %s", self.name, err)
         else:
             if self.writer.stats().get("db_ok") is not False:
-                self.success()  # what was received is committed and the marks moved
+                self.success()  # the database takes what was received, and the marks move
         if len(self.market_seen) > 200_000:
             self.market_seen.clear()
+
+    def _cover_every(self) -> float:
+        """Seconds to the next coverage pass: `coverage_interval`, or longer when this
+        process follows so many tokens that a mark each every interval would cost the
+        database more than `coverage_rate` row updates a second (at 25,000 tokens and the
+        default 2,000/s: 12.5 s; a later mark only lengthens a restart's backfill)."""
+        o = self.options
+        return max(o["coverage_interval"], len(self.live_at) / o["coverage_rate"])
 
     def _backfill_step(self) -> None:
         began = time.monotonic()

@@ -281,8 +281,31 @@ FEED_GAPS = Table(
     ),
 )
 
-# Write order inside one batch: metadata before the facts that refer to it.
+# -- feed_coverage: the trade listener's coverage marks -------------------------------
+# A mark says "every live trade of this token received before covered_until is durable".
+# Written through the Writer, after the rows it vouches for: the Writer delivers batches
+# in order, each in one transaction (or appends them to the spool in order), and writes
+# this table last inside a batch, so a mark is never durable before the trades it covers.
+# Marks only move forward; a mark that moves is live again (released_at cleared).
+FEED_COVERAGE = Table(
+    "feed_coverage",
+    (("token_id", "text"), ("covered_until", "timestamptz"), ("shard", "text"), ("updated_at", "timestamptz"),
+     ("condition_id", "text")),
+    key=("token_id",),
+    merge=True,
+    conflict=(
+        "ON CONFLICT (token_id) DO UPDATE SET covered_until = EXCLUDED.covered_until, shard = EXCLUDED.shard,"
+        " updated_at = EXCLUDED.updated_at, released_at = NULL,"
+        " condition_id = COALESCE(EXCLUDED.condition_id, feed_coverage.condition_id)"
+        " WHERE feed_coverage.covered_until < EXCLUDED.covered_until"
+    ),
+    select={"updated_at": "COALESCE(s.updated_at, now())"},
+)
+
+# Write order inside one batch: metadata before the facts that refer to it, and coverage
+# marks after the facts they vouch for.
 TABLES: dict[str, Table] = {
     t.name: t
-    for t in (MARKETS, TOKENS, FOLLOWED_TOKENS, RESOLUTIONS, PRICE_SNAPSHOTS, ORDERBOOK_SNAPSHOTS, TRADES, FEED_GAPS)
+    for t in (MARKETS, TOKENS, FOLLOWED_TOKENS, RESOLUTIONS, PRICE_SNAPSHOTS, ORDERBOOK_SNAPSHOTS, TRADES, FEED_GAPS,
+              FEED_COVERAGE)
 }
