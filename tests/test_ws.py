@@ -264,11 +264,13 @@ class RawWsServer:
     """A loopback WebSocket server by hand: the handshake, then after the client's first
     frame (its subscribe) it sends `burst` as raw bytes and keeps the socket open 0.5 s."""
 
-    def __init__(self, burst: bytes):
+    def __init__(self, burst: bytes, chunk: int = 0):
         import socket
         import threading
 
         self.burst = burst
+        self.chunk = chunk  # > 0: send the burst this many bytes at a time (frames cut anywhere)
+        self.received = b""  # what the client sent after the burst
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(1)
@@ -292,8 +294,18 @@ class RawWsServer:
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
             conn.recv(4096)  # the subscribe frame
-            conn.sendall(self.burst)
-            time.sleep(0.5)
+            if self.chunk:
+                for i in range(0, len(self.burst), self.chunk):
+                    conn.sendall(self.burst[i:i + self.chunk])
+                    time.sleep(0.0005)
+            else:
+                conn.sendall(self.burst)
+            conn.settimeout(0.5)
+            try:
+                while chunk := conn.recv(4096):
+                    self.received += chunk
+            except OSError:
+                pass
 
     def close(self):
         self.thread.join(5)
@@ -343,6 +355,83 @@ def test_a_frame_longer_than_max_message_is_refused_by_its_header():
         assert time.monotonic() - started < 5.0
         assert "over max_message" in (feed.conns[0].last_error or ""), feed.conns[0].last_error
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # kB: nothing near 1 TiB
+    finally:
+        feed.close()
+        server.close()
+
+
+def frame(payload: bytes, opcode: int = 0x1, fin: bool = True, rsv: int = 0, mask: bytes | None = None) -> bytes:
+    """One WebSocket frame as a server (or, with mask, a client) sends it (RFC 6455 §5.2)."""
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | rsv | opcode
+    if n < 126:
+        head = bytes([b0, n | (0x80 if mask else 0)])
+    elif n < 65536:
+        head = bytes([b0, 126 | (0x80 if mask else 0)]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([b0, 127 | (0x80 if mask else 0)]) + n.to_bytes(8, "big")
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        head += mask
+    return head + payload
+
+
+def client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of the frames a client sent."""
+    out, pos = [], 0
+    while pos + 2 <= len(data):
+        n, pos2 = data[pos + 1] & 0x7F, pos + 2
+        if n == 126:
+            n, pos2 = int.from_bytes(data[pos2:pos2 + 2], "big"), pos2 + 2
+        elif n == 127:
+            n, pos2 = int.from_bytes(data[pos2:pos2 + 8], "big"), pos2 + 8
+        key, pos2 = data[pos2:pos2 + 4], pos2 + 4
+        out.append((data[pos] & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(data[pos2:pos2 + n]))))
+        pos = pos2 + n
+    return out
+
+
+def test_frames_cut_anywhere_fragmented_and_interleaved_with_pings_come_out_whole():
+    """Every length encoding (7-bit, 16-bit, 64-bit), a text message in three fragments
+    with a ping between them, all delivered 3 bytes at a time: the messages come out
+    exactly, in order, and the ping is answered with a pong carrying its payload."""
+    big = json.dumps({"n": 2, "pad": "x" * 70_000}).encode()
+    mid = json.dumps({"n": 1, "pad": "y" * 300}).encode()
+    whole = json.dumps({"n": 3, "parts": "abc" * 50}).encode()
+    burst = (frame(json.dumps({"n": 0}).encode()) + frame(mid) + frame(big)
+             + frame(whole[:40], fin=False) + frame(b"are you there", opcode=0x9)
+             + frame(whole[40:90], opcode=0x0, fin=False) + frame(whole[90:], opcode=0x0)
+             + frame(json.dumps({"n": 4}).encode()))
+    server = RawWsServer(burst, chunk=997)
+    feed = Feed(server.url, WsOptions(backoff_initial=5.0), assets_per_socket=4, connect_stagger=0.0)
+    try:
+        feed.set_tokens({"1": None})
+        got = run_until_down(feed, seconds=8)
+        assert [json.loads(t)["n"] for t in got] == [0, 1, 2, 3, 4]
+        assert json.loads(got[2]) == json.loads(big) and json.loads(got[3]) == json.loads(whole)
+    finally:
+        feed.close()
+        server.close()
+    assert (0xA, b"are you there") in client_frames(server.received)
+
+
+@pytest.mark.parametrize("bad, why", [
+    (frame(b'{"n": 9}', mask=b"\x01\x02\x03\x04"), "masked frame"),
+    (frame(b'{"n": 9}', rsv=0x40), "reserved bits"),
+    (frame(b'{"n": 9}', opcode=0x0), "continuation frame without a message"),
+    (frame(b'{"n": 9}', opcode=0x3), "unknown opcode"),
+    (frame(b"p" * 126, opcode=0x9), "bad control frame"),
+    (frame(b"p", opcode=0x9, fin=False), "bad control frame"),
+    (frame(b'{"n"', fin=False) + frame(b'{"n": 9}'), "new message inside a fragmented one"),
+])
+def test_a_frame_no_server_may_send_fails_the_connection_after_what_came_before(bad, why):
+    server = RawWsServer(frame(json.dumps({"n": 0}).encode()) + bad + frame(json.dumps({"n": 1}).encode()))
+    feed = Feed(server.url, WsOptions(backoff_initial=5.0), assets_per_socket=4, connect_stagger=0.0)
+    try:
+        feed.set_tokens({"1": None})
+        got = run_until_down(feed)
+        assert [json.loads(t)["n"] for t in got] == [0]
+        assert why in (feed.conns[0].last_error or ""), feed.conns[0].last_error
     finally:
         feed.close()
         server.close()
