@@ -12,6 +12,11 @@ rounds of about `--round` seconds (A/B/A/B, so machine noise hits both), and the
 best round of each is reported in messages/s; the ratio parse/json.loads says what
 validation and row building cost over the floor of decoding the JSON at all.
 
+Then the frame reader, on the `all` set's messages one frame each (the exchange
+sends mostly one event per frame), sent through a socketpair by a forked process:
+CPU of this thread per frame for workers.ws.Connection.read() (our frame reader)
+against websocket-client's own `recv_data_frame` on the same bytes, alternately.
+
     .venv/bin/python -m bench parse [--seconds 6] [--round 0.5] [--quick]
 
 Prints a table, then one JSON line. Asserts nothing.
@@ -56,6 +61,49 @@ def measure(fn, frames: list[str], messages: int, seconds: float) -> float:
             return loops * messages / elapsed
 
 
+def read_cpu(wire: bytes, frames: int, ours: bool) -> float:
+    """This thread's CPU seconds to read `frames` frames of `wire`, sent by a forked child."""
+    import socket
+
+    import websocket
+
+    from workers.ws import BufferedWebSocket, Connection, WsOptions
+
+    left, right = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            left.close()
+            right.sendall(wire)
+            right.close()
+        finally:
+            os._exit(0)
+    right.close()
+    left.settimeout(10)
+    got = 0
+    try:
+        if ours:
+            ws = BufferedWebSocket(skip_utf8_validation=True)
+            ws.sock, ws.connected = left, True
+            conn = Connection("ws://socketpair", WsOptions(read_timeout=10.0), connector=lambda *a, **k: ws)
+            conn.connect()
+            start = time.thread_time()
+            while got < frames:
+                got += len(conn.read())
+        else:
+            ws = websocket.WebSocket(skip_utf8_validation=True)
+            ws.sock, ws.connected = left, True
+            start = time.thread_time()
+            while got < frames:
+                _, frame = ws.recv_data_frame(True)
+                frame.data.decode("utf-8", "replace")
+                got += 1
+        return time.thread_time() - start
+    finally:
+        left.close()
+        os.waitpid(pid, 0)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench parse", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=6.0, help="total time per input set")
@@ -92,7 +140,23 @@ def main(argv: list[str]) -> int:
         results[name] = {"messages": messages, "json_loads_msgs_per_s": round(best_json),
                          "parse_msgs_per_s": round(best_parse), "parse_over_json": round(ratio, 3)}
         print(f"{name:8} {messages:8d} {best_json:17,.0f} {best_parse:12,.0f} {ratio:10.2f}")
-    print(json.dumps({"bench": "parse", "python": sys.version.split()[0], "results": results}))
+    from websocket import ABNF
+
+    copies = 100 if args.quick else 1000
+    wire = b"".join(ABNF(1, 0, 0, 0, ABNF.OPCODE_TEXT, 0, t.encode()).format() for t in lines) * copies
+    frames = len(lines) * copies
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(3 if args.quick else 7):
+        for ours in (False, True):
+            best[ours] = min(best[ours], read_cpu(wire, frames, ours))
+    reader = {"frames": frames, "ours_us_per_frame": round(best[True] / frames * 1e6, 2),
+              "websocket_client_us_per_frame": round(best[False] / frames * 1e6, 2),
+              "ours_over_library": round(best[True] / best[False], 3)}
+    print(f"frame reader, {frames:,} frames of one message: ours {reader['ours_us_per_frame']} us/frame,"
+          f" websocket-client's recv_data_frame {reader['websocket_client_us_per_frame']} us/frame"
+          f" ({reader['ours_over_library']:.2f}x the CPU)")
+    print(json.dumps({"bench": "parse", "python": sys.version.split()[0], "results": results,
+                      "frame_reader": reader}))
     return 0
 
 
