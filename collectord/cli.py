@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", parents=common,
         help="write a table to Parquet files for research (pandas, polars, DuckDB): one file per UTC day",
         description=(
-            "Write TABLE to Parquet under OUT/TABLE/: TABLE-YYYY-MM-DD.parquet per UTC day for the time "
+            "Write TABLE to Parquet under DIR/TABLE/: TABLE-YYYY-MM-DD.parquet per UTC day for the time "
             "tables, TABLE.parquet for markets, tokens and resolutions (whole, current state). Prices and "
             "sizes are exact decimals, ids strings, times UTC timestamps (microseconds). A re-run skips the "
             "days whose file is complete and whose rows did not change since. Exit codes: 0 done, "
