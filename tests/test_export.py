@@ -455,3 +455,17 @@ def test_the_parser_names_every_exported_table_and_stays_stdlib_only():
             "sys.exit(f'imported {bad}' if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
+
+
+def test_two_exports_never_share_a_directory(db, conf, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".collectord-export.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running export holds it
+        r = cli(conf, "tokens", "--out", str(out))
+        assert r.returncode == 1
+        assert r.stderr.strip() == f"collectord: export: another collectord export is writing into {out}"
+    finally:
+        os.close(fd)
+    assert cli(conf, "tokens", "--out", str(out)).returncode == 0
