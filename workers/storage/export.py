@@ -79,7 +79,7 @@ class ExportValueError(ExportError):
 class Column:
     """One exported column: its name (the table's), its Arrow type, and how it is selected.
 
-    kind: text | bool | int | time | decimal | json | book | decimals
+    kind: text | bool | int | bigint | time | decimal | json | book | decimals
       time:     epoch microseconds (bigint) from PostgreSQL -> timestamp[us, UTC]
       decimal:  numeric as text -> decimal128(precision, scale), checked by Arrow's cast
       json:     jsonb as its text
@@ -91,8 +91,8 @@ class Column:
     kind: str
     precision: int = 0
     scale: int = 0
-    scale2: int = 0  # book: the size's scale (the price's is `scale`)
-    precision2: int = 0
+    size_precision: int = 0  # book: the size's type (the price's is precision, scale)
+    size_scale: int = 0
 
     def arrow_type(self) -> pa.DataType:
         if self.kind == "text" or self.kind == "json":
@@ -112,7 +112,7 @@ class Column:
         if self.kind == "book":
             return pa.list_(pa.struct([
                 pa.field("price", pa.decimal128(self.precision, self.scale)),
-                pa.field("size", pa.decimal128(self.precision2, self.scale2)),
+                pa.field("size", pa.decimal128(self.size_precision, self.size_scale)),
             ]))
         raise ValueError(f"unknown column kind {self.kind!r}")
 
@@ -134,14 +134,16 @@ class Column:
 
 # Scales exact for what the exchange sends, with room above it; Arrow's checked cast
 # fails the export (naming the row) on anything wider, never rounds it.
+PRICE = (18, 8)  # probabilities in [0, 1] on ticks down to 0.0001 (a midpoint: 0.00005)
+SIZE = (24, 6)  # share and USDC amounts: 6 decimals on chain; 18 integer digits
+
+
 def _price(name: str) -> Column:
-    """Probabilities in [0, 1] on ticks down to 0.0001 (a midpoint: 0.00005): 8 places."""
-    return Column(name, "decimal", 18, 8)
+    return Column(name, "decimal", *PRICE)
 
 
 def _size(name: str) -> Column:
-    """Share and USDC amounts: 6 decimals on chain; 18 integer digits."""
-    return Column(name, "decimal", 24, 6)
+    return Column(name, "decimal", *SIZE)
 
 
 def _amount(name: str) -> Column:
@@ -158,7 +160,7 @@ def _time(name: str) -> Column:
 
 
 def _book(name: str) -> Column:
-    return Column(name, "book", 18, 8, scale2=6, precision2=24)
+    return Column(name, "book", *PRICE, size_precision=SIZE[0], size_scale=SIZE[1])
 
 
 @dataclass(frozen=True)
