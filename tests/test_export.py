@@ -382,6 +382,15 @@ def test_a_value_that_does_not_fit_stops_the_export_naming_the_row(db, conf, tmp
     r = cli(conf, "trades", "--since", DAYS[1], "--until", DAYS[2], "--out", str(out))
     assert r.returncode == 1 and "size = 'NaN' does not fit decimal(24,6)" in r.stderr
 
+    # inside a book side: the level's own row is named (not the batch's first)
+    execute(db, """INSERT INTO orderbook_snapshots (token_id, ts, hash, bids, asks) VALUES
+        ('111', '2026-11-30 01:00+00', 'a', '[]', '[["0.5", "1"]]'),
+        ('222', '2026-11-30 02:00+00', 'b', '[["0.4", "2"], ["0.3", "0.0000001"]]', NULL)""")
+    r = cli(conf, "orderbook_snapshots", "--since", DAYS[2], "--until", "2026-12-01", "--out", str(out))
+    assert r.returncode == 1
+    assert ("orderbook_snapshots row token_id=222, ts=2026-11-30T02:00:00+00:00, hash=b: bids size = '0.0000001' "
+            "does not fit decimal(24,6)") in r.stderr, r.stderr
+
 
 @pytest.mark.parametrize("args, code, words", [
     (("trades", "--since", "yesterday", "--out", "X"), 2, "--since 'yesterday' is not an ISO date or time"),
