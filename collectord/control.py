@@ -1,4 +1,4 @@
-"""The operator's commands: start, stop, restart, reload, status, check, db upgrade, demo.
+"""The operator's commands: start, stop, restart, reload, status, check, db upgrade, export, demo.
 
 run(args) loads the config once (-c, $COLLECTORD_CONFIG, /etc, built-in
 defaults), dispatches to one command and returns its exit code. Commands talk
@@ -53,6 +53,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     command = args.command
     if command == "demo":  # it writes a config of its own: a broken /etc or $COLLECTORD_CONFIG is not its business
         return _demo(args)
+    if command == "export":  # bad arguments (2) are told before a bad config (78)
+        from collectord import export
+
+        request = export.request(args)
     try:
         config = config_mod.load(cli_path)
     except ConfigError as err:
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return cmd_status(config, as_json=args.json, out=out)
     if command == "check":
         return cmd_check(config, out=out)
+    if command == "export":
+        return export.run(config, request, out=out)
     if command == "db":
         if args.db_command == "serve":
             from collectord import embedded

@@ -84,3 +84,21 @@ class UnreachableError(CollectordError):
     """check: the database or the exchange did not answer."""
 
     exit_code = EX_FAILURE
+
+
+class UsageError(CollectordError):
+    """A bad command line value (a date that does not parse, an unknown table)."""
+
+    exit_code = EX_USAGE
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command that cleans up after itself (export).
+
+    A KeyboardInterrupt, so psycopg2's wait callback cancels the running query on it too.
+    exit_code is 128 + the signal number.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum

@@ -26,6 +26,7 @@ QUICK = {
     "polysim_rate": ["--rates", "2000", "--seconds", "1", "--warmup", "0.5", "--markets", "10"],
     "supervisor": ["--quick"],
     "soak": ["--quick"],
+    "export": ["--quick"],
 }
 
 

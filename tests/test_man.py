@@ -20,9 +20,10 @@ def test_the_installed_man_page_has_a_name_line_and_its_sections():
         assert f"\n.SH {section}\n" in text, section
     exit_status = text.split("\n.SH EXIT STATUS\n", 1)[1].split("\n.SH ", 1)[0]
     assert [line[3:] for line in exit_status.splitlines() if line.startswith(".B ")] == [
-        "0", "1", "3", "4", "6", "78", "130"]
+        "0", "1", "2", "3", "4", "6", "78", "130"]
     assert "COLLECTORD_CONFIG" in text.split("\n.SH ENVIRONMENT\n", 1)[1]
     assert "'collectord db serve'" in text  # generated from today's parser, not a stale copy
+    assert "'collectord export'" in text
 
 
 def test_man_finds_it_through_the_venvs_bin_on_path():

