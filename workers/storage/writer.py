@@ -372,11 +372,13 @@ class Writer:
             if not rows:
                 continue
             table = TABLES[name]
-            if table.merge:
+            if table.merge:  # the last row of each key (one column: the coverage marks' token)
                 idx = [table.column_names.index(k) for k in table.key]
-                last: dict[tuple, list] = {}
-                for row in rows:
-                    last[tuple(row[i] for i in idx)] = row
+                if len(idx) == 1:
+                    i = idx[0]
+                    last = {row[i]: row for row in rows}
+                else:
+                    last = {tuple(row[i] for i in idx): row for row in rows}
                 rows = list(last.values())
             records.append(Record(name, list(table.column_names), rows))
             self._buffers[name] = []
