@@ -8,6 +8,7 @@ the shared server keeps running.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
@@ -171,3 +172,44 @@ def test_an_instance_that_never_reached_the_database_never_polls():
         assert lease.status()["role"] == "standby" and not lease.reachable
     finally:
         lease.close()
+
+
+def test_two_prices_collectors_one_polls_the_other_stands_by_then_takes_over(tmp_path, pg_dsn, polysim):
+    """The lease inside the real collector: a second PricesCollector on the same schema stands
+    by (heartbeating, reporting "standby", writing nothing) until the first shuts down."""
+    import threading
+
+    from workers.markets import MarketsCollector
+    from workers.prices import PricesCollector
+    from workers.storage import migrate
+
+    sim = polysim(markets=6, seed=3, trade_rate=0.0, book_rate=0.0)
+    migrate(pg_dsn)
+
+    def make(cls, name, where):
+        return cls(name=name, dsn=pg_dsn, data_dir=str(tmp_path / where), selection={}, gamma_url=sim.gamma_url,
+                   clob_url=sim.clob_url, data_url=sim.data_url, ws_url=sim.ws_url, rate="0", lease_retry="0.2")
+
+    markets, first, second = make(MarketsCollector, "markets", "a"), make(PricesCollector, "prices", "a"), \
+        make(PricesCollector, "prices", "b")
+    for w in (markets, first, second):
+        w.init_process()
+    second._wake_r, second._wake_w = os.pipe()  # what run() sets up: stop() wakes its waits
+    try:
+        markets.step()
+        first.step()
+        assert first.status()["role"] == "active" and first.last_cycle["rows"] > 0
+        thread = threading.Thread(target=second.step, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and second.status()["role"] == "standby" and second.cycles == 0
+        assert second.counters["last_success"] is not None  # standing by is healthy
+        cycles = query(pg_dsn, "SELECT count(DISTINCT ts) FROM price_snapshots")[0][0]
+        first.shutdown()  # releases the lease after its rows are flushed
+        thread.join(5.0)
+        assert not thread.is_alive() and second.cycles == 1 and second.status()["role"] == "active"
+        assert query(pg_dsn, "SELECT count(DISTINCT ts) FROM price_snapshots")[0][0] == cycles + 1
+    finally:
+        second.stop()
+        for w in (markets, second):
+            w.shutdown()

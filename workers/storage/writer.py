@@ -377,7 +377,9 @@ class Writer:
                 last: dict[tuple, list] = {}
                 for row in rows:
                     last[tuple(row[i] for i in idx)] = row
-                rows = list(last.values())
+                # In key order: two collectord instances merging the same keys (feed_gaps)
+                # then lock rows in one order, and cannot deadlock each other.
+                rows = [last[k] for k in sorted(last, key=lambda k: tuple("" if v is None else str(v) for v in k))]
             records.append(Record(name, list(table.column_names), rows))
             self._buffers[name] = []
         self._count = 0
