@@ -40,21 +40,27 @@ def admin(dsn: str, sql: str) -> None:
         conn.close()
 
 
-def lease_pid(dsn: str, name: str) -> int | None:
-    rows = query(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
-                 (f"collectord:{name} lease %",))
+def lease_pid(dsn: str, name: str, instance: str) -> int | None:
+    rows = query(dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                 (f"collectord:{name} lease {instance}",))
     return rows[0][0] if rows else None
 
 
 @pytest.fixture
-def proxy():
-    p = Proxy().start()
+def proxy(pg_server_dsn):
+    """The loopback proxy in front of the test server (which must be reached over TCP, as in
+    tests/faults/conftest.py: the proxy relays TCP)."""
+    params = psycopg2.extensions.parse_dsn(pg_server_dsn)
+    host = params.get("host") or ""
+    if not host or host.startswith("/"):
+        pytest.fail("the lease's outage tests expect a TCP COLLECTORD_TEST_DSN (host=127.0.0.1 port=...)")
+    p = Proxy((host, int(params.get("port") or 5432))).start()
     yield p
     p.stop()
 
 
 def through(proxy: Proxy, dsn: str) -> str:
-    """The same DSN (key=value, with its search_path) through the proxy."""
+    """The same DSN (with its search_path) through the proxy."""
     params = psycopg2.extensions.parse_dsn(dsn)
     params.update(host="127.0.0.1", port=str(proxy.port))
     return psycopg2.extensions.make_dsn(**params)
@@ -98,17 +104,14 @@ def test_a_holder_whose_session_is_terminated_never_polls_beside_the_new_holder(
     a, b = Lease(pg_dsn, "markets", retry=0.2, instance="A"), Lease(pg_dsn, "markets", retry=0.2, instance="B")
     try:
         assert a.poll() and not b.poll()
-        pid = lease_pid(pg_dsn, "markets")
-        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (lease_pid(pg_dsn, "markets", "A"),))
         time.sleep(0.3)
         # The standby asks first and gets it; the old holder notices at its next poll
         # (the server's message made its socket readable) and stands by.
         assert until(b.poll, 2.0)
         assert a.poll() is False and a.lost == 1
         # The other order: the holder's session ends, it polls first and takes it again.
-        query(pg_dsn, "SELECT pg_terminate_backend(%s)",
-              (query(pg_dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-                     ("collectord:markets lease B",))[0][0],))
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", (lease_pid(pg_dsn, "markets", "B"),))
         time.sleep(0.2)
         assert b.poll() is True  # lost, and taken again at once (nobody else tried in between)
         assert a.poll() is False

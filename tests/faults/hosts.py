@@ -225,11 +225,12 @@ def owed(dsn: str) -> int:
 
 
 def run(tmp: Path, dsn: str, sim, *, down: float = 40.0, warm: float = 8.0, between: float = 5.0,
-        shards: int = 2, settle: float = 40.0, lease: bool = True, log=print) -> dict:
+        shards: int = 2, settle: float = 40.0, lease: bool = True, ledger=None, log=print) -> dict:
     """The two-host scenario (see the module docstring); returns its figures.
 
     lease=False (bench only) runs both instances without leases, to show what the
-    doubled-snapshot figures look like when both poll."""
+    doubled-snapshot figures look like when both poll. ledger: a callable giving the
+    ledger entries (default sim.ledger; the bench pages through long runs' ledgers)."""
     a, b = (Host(tmp, n, dsn, sim, shards=shards, lease=lease) for n in ("A", "B"))
     events: list[tuple[str, float]] = []
     try:
@@ -271,7 +272,7 @@ def run(tmp: Path, dsn: str, sim, *, down: float = 40.0, warm: float = 8.0, betw
         a.close()
         b.close()
     series = cycles(dsn)
-    figures = accounting.collect(sim.ledger(), dsn, cutoff_ms=cutoff)
+    figures = accounting.collect(ledger() if ledger else sim.ledger(), dsn, cutoff_ms=cutoff)
     figures.update(snapshot_figures(dsn, a.prices_interval, a.books_interval))
     figures.update({
         "down_s": down,

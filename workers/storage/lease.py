@@ -158,7 +158,7 @@ class Lease:
         """Connect if need be, then pg_try_advisory_lock; decide the role (step 3)."""
         now = self.clock()
         try:
-            conn = self._connection()
+            conn = self._fresh()
             if self._unreachable and not was_holder:
                 # The database is back after an outage: give the instance that was
                 # active the first attempt (it retries every doubt_retry s).
@@ -243,6 +243,20 @@ class Lease:
         self.held = held
 
     # -- the connection ----------------------------------------------------------------
+    def _fresh(self):
+        """The lease connection, checked: one kept since the last attempt may have been ended by
+        the server meanwhile (a terminated backend, a restart), which says nothing about whether
+        the database answers now, so such a connection is replaced once before anything is decided."""
+        conn = self._conn
+        if conn is not None and not conn.closed and self._pid == os.getpid():
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return conn
+            except psycopg2.Error:
+                self._drop()
+        return self._connection()
+
     def _connection(self):
         """The lease connection, opened in this process: autocommit, short timeouts, server keepalives."""
         conn = self._conn
