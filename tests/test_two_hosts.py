@@ -35,6 +35,8 @@ def test_two_hosts_kill_and_upgrade_lose_nothing_and_double_nothing(tmp_path, pg
     assert figures["missing"] == 0, figures["missing_examples"]
     assert figures["duplicated"] == 0, figures["duplicated_rows"]
     assert figures["gaps_owed"] == 0 and figures["gaps_unrecoverable"] == 0, figures
+    # A standby heartbeats: the watchdog (10 s here) never took one for hung, nothing restarted.
+    assert figures["restarts"] == 0 and figures["watchdog_kills"] == 0, figures
 
     # Takeover within 30 s, from the rows and from the instances' own reports.
     for key in ("takeover_kill_rows_s", "takeover_stop_rows_s", "takeover_kill_status_max_s",

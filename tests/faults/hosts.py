@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,20 @@ class Host:
         kids = self.children()
         return {n: (kids.get(n, {}).get("counters") or {}).get("role") for n in POLLING}
 
+    def log_text(self) -> str:
+        try:
+            return (self.dir / "collectord.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def restarts(self) -> int:
+        """Spawns beyond each supervisor start's first, per child (a watchdog kill of a standby would count)."""
+        text = self.log_text()
+        return len(re.findall(r"spawn #(\d+)", text)) - len(re.findall(r"spawn #1\b", text))
+
+    def watchdog_kills(self) -> int:
+        return len(re.findall(r"silent for [\d.]+s \(watchdog_timeout", self.log_text()))
+
     def log_tail(self, n: int = 30) -> str:
         try:
             return "\n".join((self.dir / "collectord.log").read_text(errors="replace").splitlines()[-n:])
@@ -272,7 +287,9 @@ def run(tmp: Path, dsn: str, sim, *, down: float = 40.0, warm: float = 8.0, betw
         a.close()
         b.close()
     series = cycles(dsn)
-    figures = accounting.collect(ledger() if ledger else sim.ledger(), dsn, cutoff_ms=cutoff)
+    figures = accounting.collect(ledger() if ledger else sim.ledger(), dsn, cutoff_ms=cutoff,
+                                 restarts=a.restarts() + b.restarts())
+    figures["watchdog_kills"] = a.watchdog_kills() + b.watchdog_kills()
     figures.update(snapshot_figures(dsn, a.prices_interval, a.books_interval))
     figures.update({
         "down_s": down,
