@@ -209,7 +209,7 @@ class PollingWorker(Worker):
         while not self.lease.poll():
             if self.lease.reachable:
                 self.success()
-            if self.wait(min(1.0, self.lease.retry)):
+            if self._wait_or_stop(min(1.0, self.lease.retry)):  # heartbeats; works before run() too
                 return False
         return True
 

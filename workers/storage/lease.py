@@ -138,8 +138,10 @@ class Lease:
     def close(self) -> None:
         """End the session (frees the lock if held): the next instance takes over at its next attempt."""
         self._drop()
-        if self.held:
-            self._set(False, "released")
+        if self.held:  # given up on purpose: not counted as lost
+            self.held = False
+            self.since = self.clock()
+            log.info("%s: lease released", self.name)
         self.in_doubt = False
 
     def status(self) -> dict:
