@@ -240,19 +240,26 @@ def owed(dsn: str) -> int:
 
 
 def run(tmp: Path, dsn: str, sim, *, down: float = 40.0, warm: float = 8.0, between: float = 5.0,
-        shards: int = 2, settle: float = 40.0, lease: bool = True, ledger=None, log=print) -> dict:
+        shards: int = 2, settle: float = 40.0, lease: bool = True, ledger=None, prices_interval: float = 1.0,
+        log=print) -> dict:
     """The two-host scenario (see the module docstring); returns its figures.
 
     lease=False (bench only) runs both instances without leases, to show what the
     doubled-snapshot figures look like when both poll. ledger: a callable giving the
     ledger entries (default sim.ledger; the bench pages through long runs' ledgers)."""
-    a, b = (Host(tmp, n, dsn, sim, shards=shards, lease=lease) for n in ("A", "B"))
+    a, b = (Host(tmp, n, dsn, sim, shards=shards, lease=lease, prices_interval=prices_interval,
+                 books_interval=2 * prices_interval) for n in ("A", "B"))
     events: list[tuple[str, float]] = []
     try:
         a.start()
         assert not lease or wait_roles(a, "active", 20), f"A did not take every lease: {a.roles()}\n{a.log_tail()}"
         b.start()
         assert not lease or wait_roles(b, "standby", 20), f"B is not standing by: {b.roles()}\n{b.log_tail()}"
+        if lease:  # what an operator sees: `collectord status` of each instance
+            for host, role in ((a, "active"), (b, "standby")):
+                shown = host.cli("status").stdout
+                for name in POLLING:
+                    assert re.search(rf"^{name}\s+RUNNING \({role}\)", shown, re.M), (host.name, shown)
         log(f"A active, B standby; warming up {warm:.0f} s")
         assert wait_for(lambda: query(dsn, "SELECT count(*) FROM trades")[0][0] > 0, 30), "no trades stored"
         time.sleep(warm)
