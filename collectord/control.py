@@ -301,6 +301,9 @@ def status_lines(doc: dict, now: float) -> list[str]:
         state = str(child.get("state") or "?")
         if state == "BACKOFF" and child.get("next_start_in") is not None:
             state += f" ({_age(child['next_start_in'])})"
+        role = counters.get("role")
+        if state == "RUNNING" and role in ("active", "standby"):
+            state += f" ({role})"  # a polling collector's lease: which instance polls
         last_exit = child.get("last_exit")
         # A plain class reports no counters: its last abnormal exit is its last error.
         last_error = counters.get("last_error") or (last_exit if last_exit and last_exit != "exit 0" else None)

@@ -75,6 +75,8 @@ KNOWN_COUNTERS: dict[str, tuple[str, str, float, str]] = {
     "batches": ("collectord_collector_writer_batches", "counter", 1.0,
                 "Batches the writer committed since the process started."),
     "db_ok": ("collectord_collector_db_up", "gauge", 1.0, "1 when the writer's last database operation succeeded."),
+    "lease_active": ("collectord_collector_lease_active", "gauge", 1.0,
+                     "1 when this instance holds the collector's lease and polls, 0 on standby."),
 }
 SOCKET_STATUS_KEY = "socket_status"  # [[index, connected, last_rx_age, reconnects, assets], ...]
 # Unix time the oldest gap a collector owes started (None: it owes none), turned into an

@@ -27,6 +27,7 @@ QUICK = {
     "supervisor": ["--quick"],
     "soak": ["--quick"],
     "export": ["--quick"],
+    "twohost": ["--quick"],
 }
 
 
@@ -47,6 +48,9 @@ def test_benchmark_quick_mode_completes_and_prints_json(name, pg_server_dsn, tmp
     last = proc.stdout.strip().splitlines()[-1]
     figures = json.loads(last)
     assert isinstance(figures, dict) and figures, last
+    if name == "twohost":  # both instances' trades against the ledger, and the takeovers measured
+        assert figures["published_followed"] > 0 and figures["missing"] == 0 and figures["duplicated"] == 0, last
+        assert figures["takeover_kill_rows_s"] is not None and figures["takeover_stop_rows_s"] is not None, last
     if name == "exchange":  # nothing lost, nothing stored twice, every shard stopped cleanly
         assert figures["expected"] > 0 and figures["missing"] == 0 and figures["duplicated"] == 0, last
         assert all(s["exit"] == 0 for s in figures["per_shard"].values()), last

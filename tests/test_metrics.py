@@ -351,3 +351,21 @@ def test_supervisor_runs_the_metrics_child(tmp_path, pg_dsn):
         assert stop.returncode == 0, stop.stderr
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_polling_collectors_lease_is_a_gauge_and_its_role_shows_in_status(tmp_path):
+    """lease_active (workers/storage/lease.py) -> collectord_collector_lease_active; the role and
+    the holder's name are text: in `collectord status` ("RUNNING (standby)"), not in /metrics."""
+    from collectord.control import status_lines
+
+    doc = status_doc(4242, NOW)
+    doc["children"][0]["counters"].update(role="standby", lease_active=0, lease_holder="collectord:markets lease a")
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps(doc))
+    got = scrape_registry(str(path))
+    assert got[("collectord_collector_lease_active", (("collector", "markets"),))] == 0
+    assert not any(dict(k[1]).get("key") in ("role", "lease_holder") for k in got)
+    lines = status_lines(doc, NOW)
+    assert lines[1].split()[:3] == ["markets", "RUNNING", "(standby)"], lines
+    doc["children"][0]["counters"]["role"] = "active"
+    assert status_lines(doc, NOW)[1].split()[:3] == ["markets", "RUNNING", "(active)"]

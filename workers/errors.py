@@ -42,5 +42,9 @@ class Stopping(CollectorError):
     exit_code = 0
 
 
+class LeaseLost(CollectorError):
+    """A polling collector lost its lease mid-cycle: another instance may poll now (workers/storage/lease.py)."""
+
+
 class PayloadError(CollectorError):
     """A payload (or one item of it) does not have the shape its parser needs."""

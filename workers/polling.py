@@ -4,16 +4,22 @@ Lifecycle on top of workers.base.Worker:
   __init__ (parent): options converted and checked; nothing opened.
   init_process (child): the HTTP client (its Session is made on first use), the
     Writer (spool lock, first connect attempt) and a Database for queries.
-  step (child, every interval): the subclass's cycle; it calls self.checkpoint()
-    between requests, which flushes the writer when due, heartbeats, and raises
-    Stopping when SIGTERM arrived, so a long cycle ends within one request.
+  step (child, every interval): first the lease (workers/storage/lease.py; option
+    `lease`, on by default): when another collectord instance holds this collector's
+    advisory lock, stand by, heartbeating and trying again every `lease_retry` s,
+    until it is ours (or SIGTERM). Then the subclass's cycle; it calls
+    self.checkpoint() between requests, which flushes the writer when due,
+    heartbeats, checks the lease (LeaseLost ends the cycle: another instance may
+    poll now) and raises Stopping when SIGTERM arrived, so a long cycle ends
+    within one request.
   step ends with writer.flush(): a cycle's rows are in PostgreSQL (or the
     spool) before the wait for the next interval begins.
   batches() (for the collectors of the CLOB batch endpoints): asks a list of ids
     in chunks of `batch` and splits a chunk the exchange refuses whole (too big,
     or one id it will not take) instead of losing every token in it each cycle.
-  shutdown (child): writer.close() flushes to PostgreSQL or the spool.
-status() adds the writer's counters, HTTP totals and per-endpoint latency, the
+  shutdown (child): writer.close() flushes to PostgreSQL or the spool, then the
+    lease is released, so a standby takes over at its next attempt.
+status() adds the lease's role ("active"/"standby"),  the writer's counters, HTTP totals and per-endpoint latency, the
 last cycle's figures and the malformed-item count; rows_written is what the
 writer committed, not what was fetched.
 """
@@ -30,10 +36,11 @@ from typing import Any, Callable, Iterator
 import psycopg2
 
 from workers.base import OptionError, Worker
-from workers.errors import HttpError, Stopping
+from workers.errors import HttpError, LeaseLost, Stopping
 from workers.http import Client
 from workers.payload import Parsed, ProblemLog
 from workers.storage import Database, Writer
+from workers.storage.lease import Lease
 from workers.storage.writer import RowsLostError
 from workers.storage.followed import FollowedToken, followed_tokens
 
@@ -137,11 +144,13 @@ class PollingWorker(Worker):
         "deadline": (float, 60.0),  # seconds one HTTP call may take, retries included
         "flush_rows": (int, 5000),
         "flush_age": (float, 0.5),
+        "lease": (bool, True),  # active/standby between collectord instances sharing the database
+        "lease_retry": (float, 3.0),  # seconds between a standby's attempts to take the lease
     }
 
     # Options that must be > 0 (convert_options already refuses negatives).
     POSITIVE = ("timeout", "connect_timeout", "deadline", "flush_rows", "batch", "page_size", "max_markets",
-                "downgrade_after")
+                "downgrade_after", "lease_retry")
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -157,6 +166,8 @@ class PollingWorker(Worker):
         self._followed: list[FollowedToken] | None = None
         self._db_warned = float("-inf")
         self._rejected_warned = float("-inf")
+        # Values only: the lease's connection opens in the child, at its first poll().
+        self.lease = Lease(self.dsn, self.name, retry=self.options["lease_retry"]) if self.options["lease"] else None
 
     # -- lifecycle -------------------------------------------------------------------
     def init_process(self) -> None:
@@ -179,13 +190,34 @@ class PollingWorker(Worker):
                 raise  # rows went nowhere: the process must not exit 0
             except Exception:
                 log.exception("%s: closing the writer failed", self.name)
+        if self.lease is not None:
+            self.lease.close()  # after the last rows are flushed: the next holder starts after them
         if self.db is not None:
             self.db.close()
         if self.client is not None:
             self.client.close()
 
+    def standby(self) -> bool:
+        """Wait until this instance holds the lease; False when stopping first.
+
+        While another instance holds it: heartbeat (a standby is healthy, not hung),
+        count a success each time the database answered the attempt, and try again
+        every lease_retry s (Lease.poll decides when an attempt is due).
+        """
+        if self.lease is None:
+            return True
+        while not self.lease.poll():
+            if self.lease.reachable:
+                self.success()
+            if self._wait_or_stop(min(1.0, self.lease.retry)):  # heartbeats; works before run() too
+                return False
+        return True
+
     def step(self) -> None:
-        """One cycle; Stopping (SIGTERM mid-cycle) ends it quietly, the rows so far are kept."""
+        """One cycle once the lease is ours; Stopping (SIGTERM mid-cycle) or LeaseLost ends it
+        quietly, the rows so far are kept."""
+        if not self.standby():
+            return
         started = time.monotonic()
         requests_before = self.client.requests_made if self.client else 0
         figures: dict[str, Any] = {}
@@ -193,6 +225,8 @@ class PollingWorker(Worker):
             self.cycle(figures)
         except Stopping:
             figures["interrupted"] = True
+        except LeaseLost:
+            figures["interrupted"] = "lease lost"
         except psycopg2.Error as err:
             # The database is down or restarting: rows go to the writer's spool; a
             # query the cycle needed failed. Counted and logged (at most once a
@@ -241,12 +275,15 @@ class PollingWorker(Worker):
         return self._followed
 
     def checkpoint(self) -> None:
-        """Between requests: flush when due, heartbeat, and leave the cycle if stopping."""
+        """Between requests: flush when due, heartbeat, and leave the cycle if stopping or
+        if the lease was lost (another instance may be polling now)."""
         if self.writer is not None:
             self.writer.maybe_flush()
         self.beat()
         if self.stopping:
             raise Stopping("stopping")
+        if self.lease is not None and not self.lease.poll():
+            raise LeaseLost("lease lost")
 
     def batches(self, ids: list, size: int, fetch: Callable[[list], Any],
                 figures: dict) -> Iterator[tuple[list, Any]]:
@@ -302,6 +339,8 @@ class PollingWorker(Worker):
             out["db_ok"] = w.get("db_ok")
             out["spool_bytes"] = w.get("spool_bytes")
             out["last_batch_ms"] = w.get("last_batch_ms")
+        if self.lease is not None:
+            out.update(self.lease.status())
         out["malformed"] = self.problems.total
         out["cycles"] = self.cycles
         out["last_cycle"] = self.last_cycle

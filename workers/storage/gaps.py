@@ -53,6 +53,9 @@ def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str,
     if not tokens:
         return 0
     conditions = conditions or {}
+    # One lock order for everyone: two collectord instances listening to the same tokens
+    # move the same marks, and rows locked in different orders can deadlock.
+    tokens = sorted(tokens)
     return db.execute(
         "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at, condition_id)"
         " SELECT t, %s, %s, now(), c FROM unnest(%s::text[], %s::text[]) AS u(t, c)"

@@ -374,12 +374,15 @@ class Writer:
             table = TABLES[name]
             if table.merge:  # the last row of each key (one column: the coverage marks' token)
                 idx = [table.column_names.index(k) for k in table.key]
+                # In key order: two collectord instances merging the same keys (feed_gaps,
+                # feed_coverage) then lock rows in one order, and cannot deadlock each other.
                 if len(idx) == 1:
                     i = idx[0]
                     last = {row[i]: row for row in rows}
+                    rows = [last[k] for k in sorted(last, key=lambda k: "" if k is None else str(k))]
                 else:
                     last = {tuple(row[i] for i in idx): row for row in rows}
-                rows = list(last.values())
+                    rows = [last[k] for k in sorted(last, key=lambda k: tuple("" if v is None else str(v) for v in k))]
             records.append(Record(name, list(table.column_names), rows))
             self._buffers[name] = []
         self._count = 0
