@@ -1,11 +1,12 @@
 """The trade listener's queries: feed coverage, open feed_gaps, market events.
 
-Gap rows themselves are written through the Writer (table `feed_gaps`, key
-(token_id, started_at), merged so a later write fills in ended_at/recovered_at):
-they then share the spool with the trades when PostgreSQL is down. This module
-holds the reads a listener needs at start and on each followed-set refresh, the
-gap figures the status and the demo show, and the two small writes that are not
-rows of a Writer table (migration 0020).
+Gap rows and coverage marks themselves are written through the Writer (tables
+`feed_gaps`, key (token_id, started_at), merged so a later write fills in
+ended_at/recovered_at, and `feed_coverage`): they then share the spool with the
+trades when PostgreSQL is down, in order. This module holds the reads a listener
+needs at start and on each followed-set refresh, the gap figures the status and the
+demo show, and the two small writes that are not rows of a Writer table (releasing
+marks, market events; migration 0020).
 Every function takes a `workers.storage.db.Database` (one connection, opened after
 the fork) and raises psycopg2 errors to the caller, which retries on its next turn.
 """
@@ -44,27 +45,6 @@ def coverage(db: Database, tokens: Iterable[str]) -> dict[str, datetime]:
     """token_id -> covered_until, for the tokens that have a coverage mark."""
     rows = db.query("SELECT token_id, covered_until FROM feed_coverage WHERE token_id = ANY(%s)", (list(tokens),))
     return dict(rows)
-
-
-def set_coverage(db: Database, tokens: list[str], until: datetime, shard: str,
-                 conditions: dict[str, str | None] | None = None) -> int:
-    """Move the coverage mark of tokens forward to `until` (never backwards); a mark that
-    moves is live again (released_at cleared). `conditions`: token -> its market."""
-    if not tokens:
-        return 0
-    conditions = conditions or {}
-    # One lock order for everyone: two collectord instances listening to the same tokens
-    # move the same marks, and rows locked in different orders can deadlock.
-    tokens = sorted(tokens)
-    return db.execute(
-        "INSERT INTO feed_coverage (token_id, covered_until, shard, updated_at, condition_id)"
-        " SELECT t, %s, %s, now(), c FROM unnest(%s::text[], %s::text[]) AS u(t, c)"
-        " ON CONFLICT (token_id) DO UPDATE SET covered_until = EXCLUDED.covered_until,"
-        " shard = EXCLUDED.shard, updated_at = now(), released_at = NULL,"
-        " condition_id = COALESCE(EXCLUDED.condition_id, feed_coverage.condition_id)"
-        " WHERE feed_coverage.covered_until < EXCLUDED.covered_until",
-        (until, shard, tokens, [conditions.get(t) for t in tokens]),
-    )
 
 
 def unreleased(db: Database) -> list[tuple[str, str | None, datetime]]:
