@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run only the embedded PostgreSQL (empty dsn), in the foreground until Ctrl-C, "
                           "and print how to connect: to query a stopped run's data, such as the demo's")
 
+    p = sub.add_parser("book", parents=common,
+                       help="print a token's order book at an instant, rebuilt from the recorded book events "
+                            "([collector:trades] books = yes)")
+    p.add_argument("token", metavar="TOKEN", help="the token (asset) id, decimal")
+    p.add_argument("--at", required=True, metavar="TIME",
+                   help="ISO 8601 (no zone: UTC), epoch milliseconds or seconds, or now")
+    p.add_argument("--depth", type=int, default=10, metavar="N", help="levels printed per side (default 10)")
+    p.add_argument("--json", action="store_true", help="print the rebuilt book as one JSON object (every level)")
+
     p = sub.add_parser("demo", help="offline demo: polysim + embedded PostgreSQL, in the foreground")
     p.add_argument("--dir", metavar="D", default=None,
                    help="directory for this run's database, logs and PID file; it must not hold an "

@@ -105,6 +105,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from workers.backfill import BackfillQueue, Gap
+from workers.bookevents import Stamps
+from workers.bookevents import rows as book_rows
 from workers.base import OptionError, Worker
 from workers.feed import Feed
 from workers.messages import ORDINAL, RECEIVED_AT, parse
@@ -224,6 +226,9 @@ class TradesCollector(Worker):
         "initial_lookback": (float, 0.0),
         "flush_rows": (int, 5000),
         "flush_age": (float, 0.1),
+        # Record every book event (`book`, `price_change`, `tick_size_change`) of the followed
+        # tokens in `book_events` (workers/bookevents.py); off: they are only counted.
+        "books": (bool, False),
     }
 
     def __init__(self, **kwargs: Any):
@@ -260,6 +265,8 @@ class TradesCollector(Worker):
         self.seen_live: set[str] = set()  # tokens that went live at least once in this process
         self.open_gaps: dict[str, Gap] = {}
         self.ordinals = Ordinals()
+        self.books = o["books"]
+        self.stamps = Stamps()
         self.market_seen: set[tuple[str, str]] = set()
         self.market_pending: list[dict] = []
         self.stats = Counter()
@@ -352,11 +359,14 @@ class TradesCollector(Worker):
             pass
 
     def _handle(self, conn, texts: list[str]) -> None:
-        """Parse frames; queue trades (numbered, stamped received_at); note pongs and events."""
-        received_at = _now().isoformat()
+        """Parse frames; queue trades (numbered, stamped received_at) and, with `books`, book
+        events; note pongs and events."""
+        now = _now()
+        received_at = now.isoformat()
         rows: list[list] = []
+        books = self.books
         for text in texts:
-            out = parse(text)
+            out = parse(text, books)
             if out.pong:
                 conn.got_pong()
                 continue
@@ -365,6 +375,8 @@ class TradesCollector(Worker):
             if out.trades:
                 self.ordinals.number(out.trades, received_at)
                 rows += out.trades
+            if books and (out.book_events or out.ticks):
+                self._book_events(out, now)
             if out.markets:
                 for event in out.markets:
                     key = (event["kind"], event["market_id"])
@@ -382,6 +394,17 @@ class TradesCollector(Worker):
         if rows:
             self.writer.add_rows("trades", rows)
             self.stats["trades_received"] += len(rows)
+
+    def _book_events(self, out, now: datetime) -> None:
+        """One frame's book events of this shard's tokens -> book_events rows (each event
+        whole or not at all; the invalid ones are counted and skipped)."""
+        rows, bad = book_rows(out.book_events, out.ticks, self.stamps, now, self.tokens)
+        if rows:
+            self.writer.add_rows("book_events", rows)
+            self.stats["book_events"] += len(rows)
+        if bad:
+            self.skipped["invalid:book_event"] += bad
+            self.stats["book_events_invalid"] += bad
 
     # -- followed set ---------------------------------------------------------
     def _refresh(self) -> None:
