@@ -30,7 +30,8 @@ from typing import Any, Iterable
 
 import msgspec
 
-from workers.messages import Invalid, _condition, _price, _token, canon_decimal, ms_text, ms_value
+from workers.messages import (TS_MEMO, Invalid, _condition, _price, _token, _ts_texts, _valid_markets, _valid_prices,
+                               _valid_tokens, canon_decimal, ms_text)
 
 BOOK_EVENT_COLUMNS = ("token_id", "ts", "kind", "hash", "bids", "asks", "tick_size", "last_trade_price",
                       "received_at")
@@ -75,6 +76,40 @@ def _decoded(value: Any, decode, cls) -> list:
     return out
 
 
+def _price_fast(value: Any) -> str:
+    """_price(value), by a lookup when the value already passed as sent (messages' memo)."""
+    if value in _valid_prices and value.__class__ is str:
+        return value
+    text = _price(value)
+    if text == value:
+        _valid_prices.remember(text)
+    return text
+
+
+def _token_fast(value: Any) -> str:
+    if value in _valid_tokens and value.__class__ is str:
+        return value
+    return _token(value)
+
+
+def _condition_fast(value: Any) -> str:
+    if value in _valid_markets and value.__class__ is str:
+        return value
+    return _condition(value)
+
+
+def _ts_text(value: Any) -> str:
+    """ms_text(value), remembered for 13-digit strings (messages' memo)."""
+    text = _ts_texts.get(value) if value.__class__ is str else None
+    if text is None:
+        text = ms_text(value)
+        if value.__class__ is str and len(value) == 13:
+            if len(_ts_texts) >= TS_MEMO:
+                _ts_texts.clear()
+            _ts_texts[value] = text
+    return text
+
+
 def _side_text(levels: Iterable[tuple[str, str]]) -> str:
     """[(price, size)] -> a 2-D numeric array literal ('{}' when empty)."""
     inner = ",".join([f"{{{p},{s}}}" for p, s in levels])
@@ -94,20 +129,23 @@ def _book_side(value: Any, best_high: bool) -> list[tuple[str, str]]:
         raise Invalid("too many levels")
     out = {}
     for lv in levels:
-        price = _price(lv.price)
+        price = _price_fast(lv.price)
         if price in out:
             raise Invalid(f"price {price} twice on one side")
         out[price] = canon_decimal(lv.size)
-    # Text does not sort as value ("0.1" < "0.09"): by exact value.
-    return sorted(out.items(), key=lambda kv: Decimal(kv[0]), reverse=best_high)
+    # Text does not sort as value ("0.1" < "0.09"): by value. A float orders distinct
+    # canonical prices exactly while they have at most 15 significant digits.
+    exact = all(len(p) <= 16 for p in out)
+    return sorted(out.items(), key=(lambda kv: float(kv[0])) if exact else (lambda kv: Decimal(kv[0])),
+                  reverse=best_high)
 
 
 def book_rows(msg: Any, received_at: str) -> list[list]:
     """A `book` message (dict or loose struct) -> one row, kind 'b'. Raises Invalid."""
     get = msg.get if isinstance(msg, dict) else lambda k, d=None: getattr(msg, k, d)
-    token = _token(get("asset_id"))
-    _condition(get("market"))
-    ts = ms_text(get("timestamp"))
+    token = _token_fast(get("asset_id"))
+    _condition_fast(get("market"))
+    ts = _ts_text(get("timestamp"))
     bids_in = get("bids") if get("bids") not in (None, msgspec.UNSET) else get("buys")
     asks_in = get("asks") if get("asks") not in (None, msgspec.UNSET) else get("sells")
     if bids_in in (None, msgspec.UNSET) or asks_in in (None, msgspec.UNSET):
@@ -124,14 +162,14 @@ def price_change_rows(msg: Any, received_at: str, wanted=None) -> list[list]:
     """A `price_change` (current shape) -> one row per token it names (kind 'p'), only
     tokens in `wanted` when given. Raises Invalid (legacy shape included: not stored)."""
     get = msg.get if isinstance(msg, dict) else lambda k, d=None: getattr(msg, k, d)
-    _condition(get("market"))
-    ts = ms_text(get("timestamp"))
+    _condition_fast(get("market"))
+    ts = _ts_text(get("timestamp"))
     changes = get("price_changes")
     if changes in (None, msgspec.UNSET):
         raise Invalid("price_changes missing (legacy shape)")
     per: dict[str, list] = {}  # token -> [bids {price: size}, asks {price: size}, hash]
     for ch in _decoded(changes, _changes, Change):
-        token = _token(ch.asset_id)
+        token = _token_fast(ch.asset_id)
         if ch.side == "BUY":
             k = 0
         elif ch.side == "SELL":
@@ -141,7 +179,7 @@ def price_change_rows(msg: Any, received_at: str, wanted=None) -> list[list]:
         entry = per.get(token)
         if entry is None:
             entry = per[token] = [{}, {}, None]
-        price = _price(ch.price)
+        price = _price_fast(ch.price)
         entry[k].pop(price, None)  # a repeated price moves to where it was set last
         entry[k][price] = canon_decimal(ch.size)
         entry[2] = ch.hash
@@ -170,10 +208,17 @@ class Stamps:
         self.last = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
     def next(self, now: datetime) -> str:
-        if now <= self.last:
-            now = self.last + timedelta(microseconds=1)
-        self.last = now
-        return now.isoformat()
+        return self.take(now, 1)[0]
+
+    def take(self, now: datetime, n: int) -> list[str]:
+        """n stamps from max(now, the last one + 1 us) on, 1 us apart (one isoformat a frame)."""
+        one = timedelta(microseconds=1)
+        first = now if now > self.last else self.last + one
+        self.last = first + one * (n - 1)
+        if first.microsecond + n <= 1_000_000 and first.utcoffset() == timedelta(0) and n > 1:
+            head = first.replace(microsecond=0).isoformat()[:19]  # 'YYYY-MM-DDTHH:MM:SS'
+            return [f"{head}.{first.microsecond + i:06d}+00:00" for i in range(n)]
+        return [(first + one * i).isoformat() for i in range(n)]
 
 
 def rows(events: list, ticks: list[dict], stamps: Stamps, now: datetime, wanted=None) -> tuple[list[list], int]:
@@ -195,12 +240,11 @@ def rows(events: list, ticks: list[dict], stamps: Stamps, now: datetime, wanted=
         except (Invalid, TypeError, ValueError, AttributeError, OverflowError):
             bad += 1
             continue
-        for row in got:
-            row[-1] = stamps.next(now)
         out += got
     for tick in ticks:
         if wanted is None or tick["asset_id"] in wanted:
-            got = tick_rows(tick, "")
-            got[0][-1] = stamps.next(now)
-            out += got
+            out += tick_rows(tick, "")
+    if out:
+        for row, stamp in zip(out, stamps.take(now, len(out))):
+            row[-1] = stamp
     return out, bad
