@@ -85,6 +85,7 @@ class Exchange:
         self._seq = 0
         self._traded: set[int] = set()
         self._touched: set[int] = set()
+        self.trade_books = opts.trade_book_updates
         self._build()
         self.trade_rng = random.Random(f"polysim:{self.seed}:trades")
         self.book_rng = random.Random(f"polysim:{self.seed}:books")
@@ -250,10 +251,12 @@ class Exchange:
         takes_asks = (token == 0) == (side == BUY)
         levels = book.asks if takes_asks else book.bids
         # Book events go to the subscribers of either token: the levels a trade changes are
-        # noted only when someone will be told (the engine's hot path otherwise).
+        # noted only when someone will be told (the engine's hot path otherwise), and only
+        # with trade_book_updates (off: a trades-only feed, as `bench polysim_rate` runs it).
         tok = m.tokens[token]
         emit = self.sink.emit if self.sink.wants(tok) else None
-        touched = [] if emit is not None or self.sink.wants(m.tokens[1 - token]) else None
+        touched = [] if self.trade_books and (
+            emit is not None or self.sink.wants(m.tokens[1 - token])) else None
         if not levels:
             added = self._replenish(m, asks=takes_asks)
             if not levels:
