@@ -279,11 +279,12 @@ def row_dict(row: list) -> dict:
 def _present(msg: dict, *names: str) -> None:
     """Book sides, price changes, best bid/ask: present, not looked into.
 
-    The trade listener stores none of them (the orderbooks collector stores books,
-    from REST, and checks every level there), and on a busy socket they are most of
-    the bytes: the real market channel sends far more price changes than trades, and
-    a book after every trade. What it uses of them, their timestamp (how far a socket
-    vouches) and identity, is checked like every event's.
+    The trade listener's hot path stores none of them, and on a busy socket they are
+    most of the bytes: the real market channel sends far more price changes than
+    trades, and a book after every trade. What it uses of them, their timestamp (how
+    far a socket vouches) and identity, is checked like every event's. With
+    `books = yes` it records them: parse(books=True) hands the events over as decoded
+    and workers/bookevents.py checks every level there (all or nothing per event).
     """
     if not any(name in msg for name in names):
         raise Invalid(f"{names[0]} missing")

@@ -88,6 +88,13 @@ same loop, one per turn, with a client that neither retries nor waits long itsel
 exchange sees its PONG queued behind the backlog and reconnects: the backlog is
 then fetched from the Data API instead.
 
+Tick-level books (`books = yes`, off by default): the same frames' `book`,
+`price_change` and `tick_size_change` events of this shard's tokens become
+`book_events` rows (workers/bookevents.py: each event whole or not at all), through
+the same Writer (spooled when PostgreSQL is down, exactly once by their key). Their
+gaps are the trades' gaps: a socket's drop, stall or restart is a feed_gaps row, and
+the first `book` received after it ends it for a rebuild (workers/storage/replay.py).
+
 `new_market` / `market_resolved` arrive on every socket of every shard; they are
 de-duplicated in memory and stored once in `market_events` (ON CONFLICT DO NOTHING
 makes the copies of other shards no-ops), where the markets and resolutions
