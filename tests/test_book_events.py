@@ -175,3 +175,39 @@ def test_rows_spooled_while_the_database_is_down_replay_once_and_rebuild(db, tmp
         assert before.bids == [("0.004", "100"), ("0.001", "2200.8")] and before.events == 0
     finally:
         conn.close()
+
+
+def test_a_refused_event_leaves_a_marker_and_the_rebuild_says_so(db, tmp_path):
+    """A price_change with a level that is not one is refused whole, but leaves an 'x' row
+    for the tokens it names (else the wanted tokens of its market); a rebuild across it
+    reports the book as possibly wrong, one before it does not."""
+    book = json.loads(LINES[0])
+    token, market, ts = book["asset_id"], book["market"], int(book["timestamp"])
+
+    def change(ms, size, asset=token):
+        return json.dumps({"market": market, "timestamp": str(ms), "event_type": "price_change",
+                           "price_changes": [{"asset_id": asset, "price": "0.004", "size": size, "side": "BUY",
+                                              "hash": "e" * 40}]})
+
+    rows, bad = rows_of(change(ts + 10, "-1"))
+    assert bad == 1 and [(r[0], r[2], r[4], r[5]) for r in rows] == [(token, "x", None, None)]
+    rows, bad = rows_of(change(ts + 10, "5", asset="not-a-token"), wanted={token: market, "7": "0xother"})
+    assert bad == 1 and [(r[0], r[2]) for r in rows] == [(token, "x")]
+    assert rows_of(change(ts + 10, "-1"), wanted={"7": "0xother"}) == ([], 1)  # not ours: nothing
+    w = Writer(db, tmp_path / "spool", name="x").open()
+    for frame in (LINES[0], change(ts + 10, "-1"), change(ts + 20, "5")):
+        w.add_rows("book_events", rows_of(frame)[0])
+    w.close()
+    conn = psycopg2.connect(db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO feed_coverage (token_id, covered_until) VALUES (%s, now())", (token,))
+        conn.commit()
+        at = datetime.fromtimestamp((ts + 20) / 1000, timezone.utc)
+        after = book_at(conn, token, at)
+        assert after.gap["reason"] == "refused book event" and after.events == 1
+        assert after.bids[0] == ("0.004", "5")
+        before = book_at(conn, token, at - timedelta(milliseconds=15))
+        assert before.gap is None and before.events == 0
+    finally:
+        conn.close()

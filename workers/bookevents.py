@@ -7,7 +7,9 @@ receives (migrations/0022_book_events.sql):
   kind 'p'  a `price_change`: the levels of this token it sets (new absolute sizes, "0"
             deletes the level), both sides as they come; one message usually covers
             both tokens of a market and yields one row for each;
-  kind 't'  a `tick_size_change`: tick_size only.
+  kind 't'  a `tick_size_change`: tick_size only;
+  kind 'x'  an event refused (a level that is not one): no levels; the book of that
+            token may be wrong from here to the next checkpoint.
 Sides are 2-D numeric arrays of [price, size], best level first (bids descending,
 asks ascending) for a book; a price_change keeps the message's order (the last entry
 for a price wins, as it would on the exchange). `hash` is the exchange's 40-hex hash
@@ -36,6 +38,7 @@ from workers.messages import (TS_MEMO, Invalid, _condition, _price, _token, _ts_
 BOOK_EVENT_COLUMNS = ("token_id", "ts", "kind", "hash", "bids", "asks", "tick_size", "last_trade_price",
                       "received_at")
 _HASH = re.compile(r"[0-9a-fA-F]{40}").fullmatch
+_TOKEN_TEXT = re.compile(r"[0-9]{1,78}").fullmatch
 MAX_LEVELS = 20_000  # per side; a real book has a few hundred at most
 
 
@@ -221,10 +224,43 @@ class Stamps:
         return [(first + one * i).isoformat() for i in range(n)]
 
 
+def _refused(ev: Any, wanted) -> list[list]:
+    """An event refused whole still happened: a row of kind 'x' for each token it names
+    (else, for a price_change naming none readably, each wanted token of its market), so
+    a rebuild across it knows the book may be wrong until the next checkpoint. Only its
+    ids and timestamp are used (messages.parse checked those); none readable: nothing."""
+    get = ev.get if isinstance(ev, dict) else lambda k, d=None: getattr(ev, k, d)
+    try:
+        market = _condition_fast(get("market"))
+        ts = _ts_text(get("timestamp"))
+        tokens: list[str] = []
+        if (ev.get("event_type") if isinstance(ev, dict) else ev.__struct_config__.tag) == "book":
+            tokens = [_token_fast(get("asset_id"))]
+        else:
+            changes = get("price_changes")
+            raw = bytes(changes) if changes.__class__ is msgspec.Raw else None
+            try:
+                items = msgspec.json.decode(raw) if raw is not None else changes
+            except msgspec.DecodeError:
+                items = None
+            if isinstance(items, list):
+                for item in items:
+                    a = item.get("asset_id") if isinstance(item, dict) else None
+                    if a.__class__ is str and _TOKEN_TEXT(a) and a not in tokens:
+                        tokens.append(a)
+            if not tokens and isinstance(wanted, dict):
+                tokens = [t for t, c in wanted.items() if c == market]
+    except (Invalid, TypeError, ValueError, AttributeError, OverflowError):
+        return []
+    return [[t, ts, "x", _hash_value(None, t, ts, "refused"), None, None, None, None, ""]
+            for t in tokens if wanted is None or t in wanted]
+
+
 def rows(events: list, ticks: list[dict], stamps: Stamps, now: datetime, wanted=None) -> tuple[list[list], int]:
     """messages.Parsed.book_events and .ticks of one frame -> (rows, invalid events).
 
-    Each event is all or nothing; tokens outside `wanted` (when given) are left out.
+    Each event is all or nothing (a refused one leaves only 'x' markers, _refused);
+    tokens outside `wanted` (a set, or a dict token -> condition id) are left out.
     """
     out: list[list] = []
     bad = 0
@@ -239,6 +275,7 @@ def rows(events: list, ticks: list[dict], stamps: Stamps, now: datetime, wanted=
                 got = price_change_rows(ev, "", wanted)
         except (Invalid, TypeError, ValueError, AttributeError, OverflowError):
             bad += 1
+            out += _refused(ev, wanted)
             continue
         out += got
     for tick in ticks:

@@ -14,8 +14,9 @@ book_at(conn, token, at), in order:
      fills sharing that millisecond, or the checkpoint's own last_trade_price);
   4. says whether `at` lies in a gap of the event stream: a `feed_gaps` row of the token
      that started at or before `at` and had not ended when the checkpoint was received
-     (the next checkpoint received after a gap ends it), or `at` past the token's
-     coverage mark (feed_coverage: nothing vouches for the stream after it).
+     (the next checkpoint received after a gap ends it), an event the listener refused
+     (kind 'x') since the checkpoint, or `at` past the token's coverage mark
+     (feed_coverage: nothing vouches for the stream after it).
 A mismatch or a gap never raises: both are reported in the result.
 """
 
@@ -146,7 +147,7 @@ def book_at(conn, token: str, at: datetime) -> Rebuilt:
             raise ReplayError(f"no book checkpoint of token {token} at or before {at.isoformat()}")
         c_ts, c_hash, c_bids, c_asks, c_tick, c_last, c_received = row
         cur.execute("SELECT ts, kind, hash, bids, asks, tick_size FROM book_events WHERE token_id = %s"
-                    " AND kind IN ('p', 't') AND ts > %s AND ts <= %s ORDER BY ts, received_at", (token, c_ts, at))
+                    " AND kind IN ('p', 't', 'x') AND ts > %s AND ts <= %s ORDER BY ts, received_at", (token, c_ts, at))
         changes = cur.fetchall()
         ctx = _context(cur, token, c_ts)
         if c_tick is not None:
@@ -194,16 +195,23 @@ def book_at(conn, token: str, at: datetime) -> Rebuilt:
         out.context.setdefault("first_mismatch", ts.isoformat())
 
     check(c_ts, out.hash)
+    refused = None
     for ts, kind, hash_, bids, asks, tick in changes:
         if kind == "t":
             ctx["tick_size"] = decimal_text(tick)
+            continue
+        if kind == "x":
+            refused = refused or ts
             continue
         state.apply(bids, asks)
         out.ts, out.hash = ts, bytes(hash_).hex()
         check(ts, out.hash)
     out.bids, out.asks = state.best_first()
+    out.events = sum(1 for c in changes if c[1] == "p")
     if gap is not None:
         out.gap = {"started_at": gap[0], "ended_at": gap[1], "reason": gap[2]}
+    elif refused is not None:
+        out.gap = {"started_at": refused, "ended_at": None, "reason": "refused book event"}
     elif cover is None or cover[0] < at:
         out.gap = {"started_at": cover[0] if cover else None, "ended_at": None, "reason": "uncovered"}
     return out

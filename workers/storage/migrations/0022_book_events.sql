@@ -5,7 +5,9 @@
 --   kind 'b'  a `book`: a checkpoint; bids and asks hold every level;
 --   kind 'p'  a `price_change`: the levels of this token it sets, new absolute sizes
 --             (0 deletes the level); a side it does not touch is NULL;
---   kind 't'  a `tick_size_change`: tick_size only.
+--   kind 't'  a `tick_size_change`: tick_size only;
+--   kind 'x'  an event the listener refused (a level that is not one): no levels; the
+--             token's book may be wrong from there to the next checkpoint.
 -- bids / asks: 2-D numeric arrays of [price, size]; a book's best level first (bids
 -- descending, asks ascending), a price_change's in the message's order.
 -- ts: the exchange's timestamp (ms). hash: the exchange's 40-hex SHA-1 as 20 bytes
@@ -24,7 +26,7 @@
 CREATE TABLE book_events (
     token_id         text NOT NULL,
     ts               timestamptz NOT NULL,
-    kind             "char" NOT NULL CHECK (kind IN ('b', 'p', 't')),
+    kind             "char" NOT NULL CHECK (kind IN ('b', 'p', 't', 'x')),
     hash             bytea NOT NULL,
     bids             numeric[],
     asks             numeric[],
