@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Config file: -c (before or after the command), else $COLLECTORD_CONFIG, else "
             "/etc/collectord/collectord.conf, else built-in defaults. Exit codes: 0 ok, 1 failure, "
-            "3 not running (status), 4 status unknown (status), 6 not configured (stop), "
+            "2 usage (book: a bad token id or time), 3 not running (status), 4 status unknown (status), 6 not configured (stop), "
             "78 configuration error."
         ),
     )
