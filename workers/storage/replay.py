@@ -158,6 +158,13 @@ def book_at(conn, token: str, at: datetime) -> Rebuilt:
                     " AND ts >= COALESCE((SELECT max(ts) FROM trades WHERE token_id = %s"
                     " AND ts <= %s - interval '2 seconds'), '-infinity') ORDER BY ts", (token, at, token, c_ts))
         trades = [(ts, decimal_text(p), backfilled) for ts, p, backfilled in cur.fetchall()]
+        if c_last is None:
+            # A refresh carries no last_trade_price; an earlier initial book does, and it
+            # stands while no recorded trade is surely later (trades before the listener
+            # subscribed reach `trades` only with the start gap's backfill).
+            row = _one(cur, "SELECT last_trade_price FROM book_events WHERE token_id = %s AND kind = 'b'"
+                            " AND ts <= %s AND last_trade_price IS NOT NULL ORDER BY ts DESC LIMIT 1", (token, c_ts))
+            c_last = row[0] if row else None
         cur.execute("SELECT started_at, ended_at, reason FROM feed_gaps WHERE token_id = %s AND started_at <= %s"
                     " AND (ended_at IS NULL OR ended_at > %s) ORDER BY started_at LIMIT 1", (token, at, c_received))
         gap = cur.fetchone()
