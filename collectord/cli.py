@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Config file: -c (before or after the command), else $COLLECTORD_CONFIG, else "
             "/etc/collectord/collectord.conf, else built-in defaults. Exit codes: 0 ok, 1 failure, "
-            "3 not running (status), 4 status unknown (status), 6 not configured (stop), "
+            "2 usage (book: a bad token id or time), 3 not running (status), 4 status unknown (status), 6 not configured (stop), "
             "78 configuration error."
         ),
     )
@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end of the range, exclusive, same forms (default: now)")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (created if missing)")
     p.add_argument("--force", action="store_true", help="rewrite every file, even when unchanged")
+
+    p = sub.add_parser("book", parents=common,
+                       help="print a token's order book at an instant, rebuilt from the recorded book events "
+                            "([collector:trades] books = yes)")
+    p.add_argument("token", metavar="TOKEN", help="the token (asset) id, decimal")
+    p.add_argument("--at", required=True, metavar="TIME",
+                   help="ISO 8601 (no zone: UTC), epoch milliseconds or seconds, or now")
+    p.add_argument("--depth", type=int, default=10, metavar="N", help="levels printed per side (default 10)")
+    p.add_argument("--json", action="store_true", help="print the rebuilt book as one JSON object (every level)")
 
     p = sub.add_parser("demo", help="offline demo: polysim + embedded PostgreSQL, in the foreground")
     p.add_argument("--dir", metavar="D", default=None,

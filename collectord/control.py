@@ -81,6 +81,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return cmd_check(config, out=out)
     if command == "export":
         return export.run(config, request, out=out)
+    if command == "book":
+        from collectord import book
+
+        return book.cmd_book(config, args.token, args.at, depth=args.depth, as_json=args.json, out=out)
     if command == "db":
         if args.db_command == "serve":
             from collectord import embedded

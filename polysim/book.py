@@ -42,6 +42,18 @@ def size_text(cents: int) -> str:
     return f"{whole}.{frac:02d}"
 
 
+# Size texts of the levels books hold (a level keeps its size until it changes, so the
+# books' texts are mostly the same sizes again: levels_texts looks them up). Bounded.
+_SIZE_MEMO: dict[int, str] = {}
+
+
+def _memo_size(cents: int) -> str:
+    if len(_SIZE_MEMO) >= 200_000:
+        _SIZE_MEMO.clear()
+    text = _SIZE_MEMO[cents] = size_text(cents)
+    return text
+
+
 # Every size a fill can have (at most 1000.00: Exchange._trade), formatted once as
 # size_text() would (whole part, then the cents' fraction text), in ~10 ms.
 SIZE_MAX = 100_000
@@ -126,6 +138,19 @@ class Book:
                 parts.append(text)
             out.append(",".join(parts))
         return f'"bids":[{out[0]}],"asks":[{out[1]}]'
+
+    def levels_texts(self) -> tuple[str, str]:
+        """(levels_text(0), levels_text(1)) with one sort per side: token 1's bids are token
+        0's asks read from the worst down, mirrored, and its asks token 0's bids."""
+        memo, price = _SIZE_MEMO, PRICE_TEXT
+        bid_texts = [(price[p], price[ONE - p], memo.get(s) or _memo_size(s)) for p, s in sorted(self.bids.items())]
+        ask_texts = [(price[p], price[ONE - p], memo.get(s) or _memo_size(s))
+                     for p, s in sorted(self.asks.items(), reverse=True)]
+        zero = ('"bids":[' + ",".join([f'{{"price":"{a}","size":"{s}"}}' for a, _, s in bid_texts])
+                + '],"asks":[' + ",".join([f'{{"price":"{a}","size":"{s}"}}' for a, _, s in ask_texts]) + "]")
+        one = ('"bids":[' + ",".join([f'{{"price":"{b}","size":"{s}"}}' for _, b, s in ask_texts])
+               + '],"asks":[' + ",".join([f'{{"price":"{b}","size":"{s}"}}' for _, b, s in bid_texts]) + "]")
+        return zero, one
 
     def level_size(self, token: int, side: str, price: int) -> int:
         """Current size in cents at `price` on `side` ('BUY' bids / 'SELL' asks) of a token."""

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--book-rate", type=_positive(float), default=d.book_rate,
                    help="book level changes per second across the exchange")
     p.add_argument("--no-trade-book-updates", dest="trade_book_updates", action="store_false",
-                   help="do not send `book` refreshes after trades")
+                   help="do not announce what trades do to books (no price_change for the levels a trade "
+                        "changed, no `book` refresh after trades): a trades-only feed")
     p.add_argument("--multi-fill", type=_positive(float), default=d.multi_fill,
                    help="share of transactions with several fills")
     p.add_argument("--ts-jitter-ms", type=_positive(int), default=0,

@@ -85,6 +85,7 @@ class Exchange:
         self._seq = 0
         self._traded: set[int] = set()
         self._touched: set[int] = set()
+        self.trade_books = opts.trade_book_updates
         self._build()
         self.trade_rng = random.Random(f"polysim:{self.seed}:trades")
         self.book_rng = random.Random(f"polysim:{self.seed}:books")
@@ -249,18 +250,25 @@ class Exchange:
         # Token 0 BUY and token 1 SELL take token 0's asks; the other two take its bids.
         takes_asks = (token == 0) == (side == BUY)
         levels = book.asks if takes_asks else book.bids
+        # Book events go to the subscribers of either token: the levels a trade changes are
+        # noted only when someone will be told (the engine's hot path otherwise), and only
+        # with trade_book_updates (off: a trades-only feed, as `bench polysim_rate` runs it).
+        tok = m.tokens[token]
+        emit = self.sink.emit if self.sink.wants(tok) else None
+        touched = [] if self.trade_books and (
+            emit is not None or self.sink.wants(m.tokens[1 - token])) else None
         if not levels:
-            self._replenish(m, asks=takes_asks)
+            added = self._replenish(m, asks=takes_asks)
             if not levels:
                 return
+            if touched is not None:
+                touched += added
         nfills = rng.randint(2, 4) if rng.random() < self.opts.multi_fill else 1
         self.txno += 1
         txno = self.txno
         ts = self.now_ms
         if self.opts.ts_jitter_ms:
             ts -= rng.randint(0, self.opts.ts_jitter_ms)
-        tok = m.tokens[token]
-        emit = self.sink.emit if self.sink.wants(tok) else None
         if emit is not None:
             head = m.trade_head[token] if m.trade_head else self._trade_heads(m)[token]
             tail = (f'","fee_rate_bps":"{m.fee_rate_bps}","side":"{SIDE_TEXT[side]}","timestamp":"{ts}"'
@@ -282,6 +290,8 @@ class Exchange:
                     size = avail
             # else: an exact repeat of the previous fill's price, size and side
             left = avail - size
+            if touched is not None:
+                touched.append(p0)
             if left > 0:
                 levels[p0] = left
             else:
@@ -294,11 +304,16 @@ class Exchange:
         m.last_trade[token] = (price, side)
         m.updated_ms = ts
         if len(levels) < 3:
-            self._replenish(m, asks=takes_asks)
-        m.book_version += 1
-        m.book_ms = ts
+            added = self._replenish(m, asks=takes_asks)
+            if touched is not None:
+                touched += added
+        m.book_version += 1  # self._changed(m), inline on the hot path
+        ms = self.now_ms
+        m.book_ms = ms if ms > m.book_ms else m.book_ms + 1
         self._traded.add(m.index)
         self._touched.add(m.index)
+        if touched is not None:
+            self._price_change(m, takes_asks, touched)
 
     @staticmethod
     def _trade_heads(m: Market) -> tuple[str, str]:
@@ -306,9 +321,20 @@ class Exchange:
         m.trade_head = tuple('{"market":"%s","asset_id":"%s","price":"' % (m.condition_id, tok) for tok in m.tokens)
         return m.trade_head
 
-    def _replenish(self, m: Market, asks: bool) -> None:
-        """Add up to 3 levels behind the worst level of one side (never crossing the other side)."""
+    def _changed(self, m: Market) -> None:
+        """m's book changed now: a new version, stamped strictly after the one before (so a
+        book's `timestamp` names one state: the REST book sampled at T is the book rebuilt
+        from the events stamped up to T; under more than 1,000 changes a second on one
+        market the stamps run ahead of the clock by as many milliseconds)."""
+        m.book_version += 1
+        ms = self.now_ms
+        m.book_ms = ms if ms > m.book_ms else m.book_ms + 1
+
+    def _replenish(self, m: Market, asks: bool) -> list[int]:
+        """Add up to 3 levels behind the worst level of one side (never crossing the other side);
+        returns their prices."""
         book, rng, tick = m.book, m.rng, m.book.tick
+        added = []
         for _ in range(3):
             if asks:
                 if book.asks:
@@ -316,7 +342,7 @@ class Exchange:
                 else:
                     p = (max(book.bids) + tick) if book.bids else ONE // 2
                 if p > ONE - tick:
-                    return
+                    return added
                 book.asks[p] = rng.randint(500, 2_000_000)
             else:
                 if book.bids:
@@ -324,8 +350,10 @@ class Exchange:
                 else:
                     p = (min(book.asks) - tick) if book.asks else ONE // 2 - tick
                 if p < tick:
-                    return
+                    return added
                 book.bids[p] = rng.randint(500, 2_000_000)
+            added.append(p)
+        return added
 
     # -- book changes -----------------------------------------------------------------
     def _book_change(self, m: Market) -> None:
@@ -357,33 +385,38 @@ class Exchange:
             levels[p] = size
         else:
             p = rng.choice(list(levels))
-            size = 0
             del levels[p]
-        m.book_version += 1
-        m.book_ms = self.now_ms
+        self._changed(m)
         self._touched.add(m.index)
         if book.tick == 100:
             bb, ba = book.best_bid(0), book.best_ask(0)
             if (bb is not None and bb < 400) or (ba is not None and ba > 9600):
                 self._tick_change(m, 10)
         t0, t1 = m.tokens
-        if not (self.sink.wants(t0) or self.sink.wants(t1)):
-            return
-        h = hashlib.sha1(b"%s:%d" % (m.condition_id.encode(), m.book_version)).hexdigest()
-        side0 = "BUY" if bid_side else "SELL"
-        side1 = "SELL" if bid_side else "BUY"
-        changes = []
-        for token, price, side in ((0, p, side0), (1, ONE - p, side1)):
+        if self.sink.wants(t0) or self.sink.wants(t1):
+            self._price_change(m, not bid_side, (p,))
+
+    def _price_change(self, m: Market, asks: bool, prices) -> None:
+        """Announce levels of one side of token 0's book (their sizes now; "0": gone) and their
+        mirrors on token 1 as one `price_change`, stamped with the book's time; each token's
+        entries carry the hash of its REST book now (what /clob/book answers until the next
+        change), best bid and best ask."""
+        book = m.book
+        levels = book.asks if asks else book.bids
+        cid, (t0, t1) = m.condition_id, m.tokens
+        entries = []
+        for token, tok in ((0, t0), (1, t1)):
+            h = self.rest_hash(m, token, self.levels_text(m, token))
             bb, ba = book.best_bid(token), book.best_ask(token)
-            changes.append({
-                "asset_id": m.tokens[token], "price": PRICE_TEXT[price], "size": size_text(size),
-                "side": side, "hash": h,
-                "best_bid": PRICE_TEXT[bb] if bb is not None else "0",
-                "best_ask": PRICE_TEXT[ba] if ba is not None else "0",
-            })
-        self.sink.emit(m.tokens, json.dumps({
-            "market": m.condition_id, "price_changes": changes,
-            "timestamp": str(self.now_ms), "event_type": "price_change"}, separators=(",", ":")))
+            tail = (f'","hash":"{h}","best_bid":"{PRICE_TEXT[bb] if bb is not None else "0"}",'
+                    f'"best_ask":"{PRICE_TEXT[ba] if ba is not None else "0"}"}}')
+            # Token 0's asks are token 1's bids at 1 - p.
+            side = "SELL" if asks == (token == 0) else "BUY"
+            for p in dict.fromkeys(prices):
+                entries.append(f'{{"asset_id":"{tok}","price":"{PRICE_TEXT[p if token == 0 else ONE - p]}",'
+                               f'"size":"{size_text(levels.get(p, 0))}","side":"{side}{tail}')
+        self.sink.emit(m.tokens, f'{{"market":"{cid}","price_changes":[{",".join(entries)}],'
+                                 f'"timestamp":"{m.book_ms}","event_type":"price_change"}}')
 
     def _tick_change(self, m: Market, new_tick: int) -> None:
         old = m.book.tick
@@ -393,7 +426,7 @@ class Exchange:
                 self.sink.emit((tok,), json.dumps({
                     "event_type": "tick_size_change", "asset_id": tok, "market": m.condition_id,
                     "old_tick_size": TICK_TEXT[old], "new_tick_size": TICK_TEXT[new_tick],
-                    "timestamp": str(self.now_ms)}, separators=(",", ":")))
+                    "timestamp": str(m.book_ms)}, separators=(",", ":")))
 
     def _flush_touched(self) -> None:
         """Coalesced per advance(): `book` after trades, `best_bid_ask` when the top moved."""
@@ -440,6 +473,7 @@ class Exchange:
         m.updated_ms = self.now_ms
         m.book.bids.clear()
         m.book.asks.clear()
+        m.book_version += 1
         winner = "" if m.winner == -1 else m.tokens[m.winner]
         outcome = "" if m.winner == -1 else m.outcomes[m.winner]
         self.sink.emit_global(json.dumps({
@@ -475,20 +509,38 @@ class Exchange:
             m.updated_ms = self.now_ms
             self.tradable.append(m)
 
+    def levels_text(self, m: Market, token: int) -> str:
+        """m.book.levels_text(token), formatted once per book version."""
+        cache = m.levels_cache
+        if cache is None or cache[0] != m.book_version:
+            cache = m.levels_cache = (m.book_version, m.book.levels_texts())
+        return cache[1][token]
+
+    def rest_hash(self, m: Market, token: int, levels: str) -> str:
+        """The hash of the REST book (book_summary) now, from its levels text: SHA-1 of the
+        compact summary with hash "" (polymarket-api.md §3.1). A WS `book` and each
+        `price_change` entry carry this same hash: the recorded WS book's hash verifies
+        only as the REST summary's, min_order_size and neg_risk included."""
+        last = m.last_trade[token]
+        text = (f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}",'
+                f'"hash":"",{levels},"min_order_size":"5","tick_size":"{TICK_TEXT[m.book.tick]}",'
+                f'"neg_risk":{"true" if m.event.neg_risk else "false"},'
+                f'"last_trade_price":"{PRICE_TEXT[last[0]] if last else ""}"}}')
+        return hashlib.sha1(text.encode()).hexdigest()
+
     def book_text(self, m: Market, token: int, initial: bool) -> str:
-        """json.dumps(book_summary(m, token, ws=True, initial), compact), formatted directly:
-        the summary once with hash "", its SHA-1, then the same text with the hash in."""
+        """json.dumps(book_summary(m, token, ws=True, initial), compact), formatted directly."""
         last = m.last_trade[token]
         extra = (f',"tick_size":"{TICK_TEXT[m.book.tick]}","last_trade_price":"{PRICE_TEXT[last[0]] if last else ""}"'
                  if initial else "")
-        head = f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}","hash":"'
-        rest = f'",{m.book.levels_text(token)}{extra}'
-        digest = hashlib.sha1(f"{head}{rest}}}".encode()).hexdigest()
-        return f'{head}{digest}{rest},"event_type":"book"}}'
+        levels = self.levels_text(m, token)
+        return (f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}",'
+                f'"hash":"{self.rest_hash(m, token, levels)}",{levels}{extra},"event_type":"book"}}')
 
     # -- views used by the REST surfaces ----------------------------------------------------
     def book_summary(self, m: Market, token: int, ws: bool = False, initial: bool = True) -> dict:
-        """OrderBookSummary (REST field order) or a WS `book` message; hash per §3.1."""
+        """OrderBookSummary (REST field order) or a WS `book` message, which carries the
+        REST summary's hash (§3.1; the recorded WS books verify only that way)."""
         bids, asks = m.book.levels(token)
         tok = m.tokens[token]
         last = m.last_trade[token]
@@ -500,10 +552,9 @@ class Exchange:
             out["hash"] = book_hash(out)
             return out
         out = {"market": m.condition_id, "asset_id": tok, "timestamp": str(m.book_ms),
-               "hash": "", "bids": bids, "asks": asks}
+               "hash": self.book_summary(m, token)["hash"], "bids": bids, "asks": asks}
         if initial:
             out["tick_size"] = TICK_TEXT[m.book.tick]
             out["last_trade_price"] = PRICE_TEXT[last[0]] if last else ""
-        out["hash"] = book_hash(out)
         out["event_type"] = "book"
         return out

@@ -19,7 +19,9 @@ class Options:
     new_market_rate: float = 0.0   # new markets per second
     clob_delay: float = 5.0        # seconds a new market answers 404 on the CLOB
     book_rate: float = 10.0        # random book level changes per second across the exchange
-    trade_book_updates: bool = True  # send a `book` refresh after trades (coalesced per tick)
+    trade_book_updates: bool = True  # announce what trades do to books: a `price_change` per transaction
+                                     # for the levels it changed, a `book` refresh (coalesced per tick);
+                                     # off, WS books drift from REST after trades (a trades-only feed)
     multi_fill: float = 0.1        # share of transactions with 2-4 fills (some exact repeats)
     ts_jitter_ms: int = 0          # trade timestamps up to this much earlier than publish order
                                    # implies (the real feed reorders by ~100 ms)

@@ -260,9 +260,15 @@ def test_ws_subscribe_dump_trades_ping_unsubscribe(polysim):
     first = json.loads(ws.recv())
     assert isinstance(first, list) and sorted(b["asset_id"] for b in first) == sorted(tokens)
     real = json.loads((DATA / "ws_market_messages.jsonl").read_text().splitlines()[0])
+    neg_risk = {t: m["negRisk"] for m in markets for t in json.loads(m["clobTokenIds"])}
     for b in first:
         same_shape(b, real, list(real))
-        assert book_hash_ok({k: v for k, v in b.items() if k != "event_type"})
+        # A WS book carries the hash of the REST summary of the same book (as the recorded
+        # full-depth WS book verifies: tests/test_book_events.py), min_order_size and neg_risk in.
+        rest = {k: b[k] for k in ("market", "asset_id", "timestamp", "hash", "bids", "asks")}
+        rest.update(min_order_size="5", tick_size=b["tick_size"], neg_risk=neg_risk[b["asset_id"]],
+                    last_trade_price=b["last_trade_price"])
+        assert book_hash_ok(rest)
     msgs = ws_messages(ws, lambda ms: sum(m.get("event_type") == "last_trade_price" for m in ms if isinstance(m, dict)) >= 5)
     real_trade = json.loads((DATA / "ws_market_messages.jsonl").read_text().splitlines()[4])
     for m in msgs:

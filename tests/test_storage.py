@@ -84,7 +84,8 @@ def test_migrate_race_between_two_processes(pg_dsn):
 
 
 PG_TYPES = {"text": "text", "numeric": "numeric", "int": "integer", "boolean": "boolean",
-            "timestamptz": "timestamp with time zone", "jsonb": "jsonb"}
+            "timestamptz": "timestamp with time zone", "jsonb": "jsonb", '"char"': '"char"', "bytea": "bytea",
+            "numeric[]": "ARRAY"}
 
 
 def test_writer_tables_match_the_migrated_schema(db):
@@ -179,7 +180,7 @@ def test_direct_copy_tables_are_safe_to_copy_into():
     path would default must be NOT NULL, so that a NULL fails the COPY and takes the fallback."""
     direct = [t for t in TABLES.values() if t.direct]
     assert {t.name for t in direct} >= {"trades", "orderbook_snapshots", "price_snapshots"}
-    sql = discover()[0].sql
+    sql = "\n".join(m.sql for m in discover())
     for table in direct:
         assert table.conflict == "ON CONFLICT DO NOTHING", table.name
         body = sql.split(f"CREATE TABLE {table.name} (")[1].split(");")[0]
@@ -256,6 +257,10 @@ def sample_rows():
                        "reason": "disconnect", "shard": "trades.0"}],
         "feed_coverage": [{"token_id": TOKEN, "covered_until": T0, "shard": "0/1", "condition_id": "0xc1"},
                           {"token_id": TOKEN78, "covered_until": T0, "shard": "0/1"}],
+        "book_events": [{"token_id": TOKEN, "ts": T0, "kind": "b", "hash": "\\x" + "ab" * 20,
+                         "bids": "{{0.47,10},{0.46,5}}", "asks": "{}", "tick_size": "0.01", "received_at": T0},
+                        {"token_id": TOKEN, "ts": T0, "kind": "p", "hash": "\\x" + "ab" * 20,
+                         "bids": "{{0.46,0}}", "received_at": T0}],
     }
 
 

@@ -94,7 +94,7 @@ class Parsed:
     """
 
     __slots__ = ("trades", "books", "ticks", "markets", "events", "skipped", "unknown_fields", "pong", "text",
-                 "errors", "newest_ms")
+                 "errors", "newest_ms", "book_events")
 
     def __init__(self) -> None:
         self.trades: list[list] = []  # rows in TRADE_COLUMNS order (ordinal, received_at None)
@@ -108,6 +108,9 @@ class Parsed:
         self.text: str | None = None  # a plain-text frame other than PONG
         self.errors: list[str] = []  # first few reasons, for rate-limited logging
         self.newest_ms = 0  # the newest exchange timestamp of a valid event (0: none)
+        # parse(books=True) only: valid `book` and `price_change` events as decoded (loose
+        # structs with undecoded sides, or dicts), for workers/bookevents.py to look into.
+        self.book_events: list = []
 
     def count(self, counter: dict, key: str) -> None:
         counter[key] = counter.get(key, 0) + 1
@@ -277,11 +280,12 @@ def row_dict(row: list) -> dict:
 def _present(msg: dict, *names: str) -> None:
     """Book sides, price changes, best bid/ask: present, not looked into.
 
-    The trade listener stores none of them (the orderbooks collector stores books,
-    from REST, and checks every level there), and on a busy socket they are most of
-    the bytes: the real market channel sends far more price changes than trades, and
-    a book after every trade. What it uses of them, their timestamp (how far a socket
-    vouches) and identity, is checked like every event's.
+    The trade listener's hot path stores none of them, and on a busy socket they are
+    most of the bytes: the real market channel sends far more price changes than
+    trades, and a book after every trade. What it uses of them, their timestamp (how
+    far a socket vouches) and identity, is checked like every event's. With
+    `books = yes` it records them: parse(books=True) hands the events over as decoded
+    and workers/bookevents.py checks every level there (all or nothing per event).
     """
     if not any(name in msg for name in names):
         raise Invalid(f"{names[0]} missing")
@@ -378,7 +382,7 @@ def _market_event(msg: dict, kind: str) -> dict:
     return event
 
 
-def _one(msg: Any, out: Parsed) -> None:
+def _one(msg: Any, out: Parsed, books: bool = False) -> None:
     """Validate one object and append what it yields to out (all or nothing)."""
     if not isinstance(msg, dict):
         out.count(out.skipped, "not_object")
@@ -394,8 +398,12 @@ def _one(msg: Any, out: Parsed) -> None:
             out.trades.append(row)
         elif kind == "book":
             out.books.append(_book(msg))
+            if books:
+                out.book_events.append(msg)
         elif kind == "price_change":
             kind = _price_change(msg)
+            if books and kind == "price_change":
+                out.book_events.append(msg)
         elif kind == "best_bid_ask":
             _best_bid_ask(msg)
         elif kind == "tick_size_change":
@@ -458,7 +466,7 @@ _SIZE = re.compile(r"(?:[1-9][0-9]*(?:\.[0-9]*[1-9])?|0\.[0-9]*[1-9])").fullmatc
 _TX = re.compile(r"0x[0-9a-f]{1,128}").fullmatch  # lower case, as stored
 
 
-def _fast(items: list, out: Parsed) -> None:
+def _fast(items: list, out: Parsed, books: bool = False) -> None:
     """Typed events -> out: trades by lookups and two regular expressions; books, price
     changes and best bid/asks by their timestamp and ids; the rest as dicts.
 
@@ -514,12 +522,16 @@ def _fast(items: list, out: Parsed) -> None:
                                           "hash": None if hash_ is UNSET else hash_,
                                           "tick_size": None if tick is UNSET else tick})
                         other[0] += 1
+                        if books:
+                            out.book_events.append(x)
                         if ts > newest:
                             newest = ts
                         continue
                 elif cls is PriceChange:
                     if x.price_changes is not UNSET and x.asset_id is UNSET:
                         other[1] += 1
+                        if books:
+                            out.book_events.append(x)
                         if ts > newest:
                             newest = ts
                         continue
@@ -531,7 +543,7 @@ def _fast(items: list, out: Parsed) -> None:
                         continue
         msg = {name: value for name in x.__struct_fields__ if (value := getattr(x, name)) is not UNSET}
         msg["event_type"] = x.__struct_config__.tag
-        _one(msg, out)
+        _one(msg, out, books)
     for kind, n in zip(("book", "price_change", "best_bid_ask"), other):
         if n:
             out.events[kind] = out.events.get(kind, 0) + n
@@ -541,8 +553,9 @@ def _fast(items: list, out: Parsed) -> None:
         out.newest_ms = int(newest)
 
 
-def parse(text: str | bytes) -> Parsed:
-    """One WebSocket text frame -> Parsed. Never raises."""
+def parse(text: str | bytes, books: bool = False) -> Parsed:
+    """One WebSocket text frame -> Parsed. Never raises. With books, the valid `book` and
+    `price_change` events are kept as decoded too (Parsed.book_events)."""
     out = Parsed()
     try:
         if isinstance(text, (bytes, bytearray)):
@@ -562,7 +575,7 @@ def parse(text: str | bytes) -> Parsed:
             pass
         else:
             try:
-                _fast(data if data.__class__ is list else [data], out)
+                _fast(data if data.__class__ is list else [data], out, books)
                 return out
             except Exception:  # never expected; the general path decides, from a clean slate
                 out = Parsed()
@@ -578,7 +591,7 @@ def parse(text: str | bytes) -> Parsed:
         return out
     if isinstance(data, list):
         for msg in data:
-            _one(msg, out)
+            _one(msg, out, books)
     else:
-        _one(data, out)
+        _one(data, out, books)
     return out

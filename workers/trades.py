@@ -91,6 +91,13 @@ same loop, one per turn, with a client that neither retries nor waits long itsel
 exchange sees its PONG queued behind the backlog and reconnects: the backlog is
 then fetched from the Data API instead.
 
+Tick-level books (`books = yes`, off by default): the same frames' `book`,
+`price_change` and `tick_size_change` events of this shard's tokens become
+`book_events` rows (workers/bookevents.py: each event whole or not at all), through
+the same Writer (spooled when PostgreSQL is down, exactly once by their key). Their
+gaps are the trades' gaps: a socket's drop, stall or restart is a feed_gaps row, and
+the first `book` received after it ends it for a rebuild (workers/storage/replay.py).
+
 `new_market` / `market_resolved` arrive on every socket of every shard; they are
 de-duplicated in memory and stored once in `market_events` (ON CONFLICT DO NOTHING
 makes the copies of other shards no-ops), where the markets and resolutions
@@ -108,6 +115,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from workers.backfill import BackfillQueue, Gap
+from workers.bookevents import Stamps
+from workers.bookevents import rows as book_rows
 from workers.base import OptionError, Worker
 from workers.feed import Feed
 from workers.messages import ORDINAL, RECEIVED_AT, parse
@@ -230,6 +239,9 @@ class TradesCollector(Worker):
         "flush_rows": (int, 5000),
         "flush_age": (float, 0.1),
         "min_turn": (float, 0.005),  # while busy, seconds between polls (frames gather meanwhile)
+        # Record every book event (`book`, `price_change`, `tick_size_change`) of the followed
+        # tokens in `book_events` (workers/bookevents.py); off: they are only counted.
+        "books": (bool, False),
     }
 
     def __init__(self, **kwargs: Any):
@@ -267,6 +279,8 @@ class TradesCollector(Worker):
         self.seen_live: set[str] = set()  # tokens that went live at least once in this process
         self.open_gaps: dict[str, Gap] = {}
         self.ordinals = Ordinals()
+        self.books = o["books"]
+        self.stamps = Stamps()
         self.market_seen: set[tuple[str, str]] = set()
         self.market_pending: list[dict] = []
         self.stats = Counter()
@@ -370,11 +384,14 @@ class TradesCollector(Worker):
             pass
 
     def _handle(self, conn, texts: list[str]) -> None:
-        """Parse frames; queue trades (numbered, stamped received_at); note pongs and events."""
-        received_at = _now().isoformat()
+        """Parse frames; queue trades (numbered, stamped received_at) and, with `books`, book
+        events; note pongs and events."""
+        now = _now()
+        received_at = now.isoformat()
         rows: list[list] = []
+        books = self.books
         for text in texts:
-            out = parse(text)
+            out = parse(text, books)
             if out.pong:
                 conn.got_pong()
                 continue
@@ -383,6 +400,8 @@ class TradesCollector(Worker):
             if out.trades:
                 self.ordinals.number(out.trades, received_at)
                 rows += out.trades
+            if books and (out.book_events or out.ticks):
+                self._book_events(out, now)
             if out.markets:
                 for event in out.markets:
                     key = (event["kind"], event["market_id"])
@@ -400,6 +419,17 @@ class TradesCollector(Worker):
         if rows:
             self.writer.add_rows("trades", rows)
             self.stats["trades_received"] += len(rows)
+
+    def _book_events(self, out, now: datetime) -> None:
+        """One frame's book events of this shard's tokens -> book_events rows (each event
+        whole or not at all; the invalid ones are counted and skipped)."""
+        rows, bad = book_rows(out.book_events, out.ticks, self.stamps, now, self.tokens)
+        if rows:
+            self.writer.add_rows("book_events", rows)
+            self.stats["book_events"] += len(rows)
+        if bad:
+            self.skipped["invalid:book_event"] += bad
+            self.stats["book_events_invalid"] += bad
 
     # -- followed set ---------------------------------------------------------
     def _refresh(self) -> None:

@@ -98,6 +98,10 @@ CONVERTERS: dict[str, Converter] = {
     "bigint": to_int,
     "boolean": to_bool,
     "timestamptz": to_timestamptz,
+    # book_events (rows arrive as text from workers/bookevents.py; PostgreSQL validates)
+    '"char"': to_text,
+    "bytea": to_text,
+    "numeric[]": to_text,
     "jsonb": to_jsonb,
 }
 

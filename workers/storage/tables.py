@@ -215,6 +215,24 @@ TRADES = Table(
     direct=True,
 )
 
+BOOK_EVENTS = Table(
+    "book_events",
+    (
+        ("token_id", "text"),
+        ("ts", "timestamptz"),
+        ("kind", '"char"'),
+        ("hash", "bytea"),
+        ("bids", "numeric[]"),
+        ("asks", "numeric[]"),
+        ("tick_size", "numeric"),
+        ("last_trade_price", "numeric"),
+        ("received_at", "timestamptz"),
+    ),
+    key=("token_id", "ts", "kind", "hash"),
+    conflict="ON CONFLICT DO NOTHING",
+    direct=True,
+)
+
 # -- resolutions: corrected in place when the exchange corrects itself ----------
 _RESOLUTION_DATA = ["condition_id", "winning_token_id", "winning_outcome", "payouts", "status", "resolved_at"]
 RESOLUTIONS = Table(
@@ -306,6 +324,6 @@ FEED_COVERAGE = Table(
 # marks after the facts they vouch for.
 TABLES: dict[str, Table] = {
     t.name: t
-    for t in (MARKETS, TOKENS, FOLLOWED_TOKENS, RESOLUTIONS, PRICE_SNAPSHOTS, ORDERBOOK_SNAPSHOTS, TRADES, FEED_GAPS,
-              FEED_COVERAGE)
+    for t in (MARKETS, TOKENS, FOLLOWED_TOKENS, RESOLUTIONS, PRICE_SNAPSHOTS, ORDERBOOK_SNAPSHOTS, TRADES, BOOK_EVENTS,
+              FEED_GAPS, FEED_COVERAGE)
 }
