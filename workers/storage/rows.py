@@ -84,6 +84,15 @@ def to_timestamptz(value: Any) -> str | None:
     raise TypeError(f"expected datetime, got {type(value).__name__}")
 
 
+def to_date(value: Any) -> str | None:
+    """date: a date (not a datetime: its day depends on a time zone), or a string PostgreSQL parses."""
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"expected date, got {type(value).__name__}")
+
+
 def to_jsonb(value: Any) -> str | None:
     """jsonb: a str is taken as JSON text already; anything else is serialized (Decimal as a string)."""
     if value is None or type(value) is str:
@@ -98,6 +107,7 @@ CONVERTERS: dict[str, Converter] = {
     "bigint": to_int,
     "boolean": to_bool,
     "timestamptz": to_timestamptz,
+    "date": to_date,
     "jsonb": to_jsonb,
 }
 
