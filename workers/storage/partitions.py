@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Iterable
@@ -190,33 +192,102 @@ def drop_expired(conn, table: str, retention: timedelta | None, now: datetime | 
 
     conn must be in autocommit mode (DETACH ... CONCURRENTLY runs outside a
     transaction block). Returns the days dropped. retention None keeps everything.
+    One process at a time per table (a session advisory lock; another holder means
+    this pass skips the table: the holder is doing the work).
     """
     if retention is None:
         return []
     now = now or datetime.now(UTC)
     horizon = now - retention
     with conn.cursor() as cur:
-        have = existing(cur, table)
-        dropped = []
-        for day, pending in sorted(have.items()):
-            end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
-            if end > horizon:
-                continue
-            name = partition_name(table, day)
-            cur.execute(f"SET statement_timeout = {DETACH_TIMEOUT_MS}")
-            if pending:  # an earlier DETACH CONCURRENTLY was interrupted
-                cur.execute(f"ALTER TABLE {table} DETACH PARTITION {name} FINALIZE")
-            else:
-                cur.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
-            cur.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
-            cur.execute(f"DROP TABLE {name}")
-            cur.execute("RESET lock_timeout")
-            cur.execute("RESET statement_timeout")
-            dropped.append(day)
+        cur.execute("SELECT pg_try_advisory_lock(hashtext('collectord.retention'), hashtext(%s))", (table,))
+        if not cur.fetchone()[0]:
+            return []
+        try:
+            return _drop_expired(cur, table, retention, horizon)
+        finally:
+            cur.execute("SELECT pg_advisory_unlock(hashtext('collectord.retention'), hashtext(%s))", (table,))
+
+
+def _drop_expired(cur, table: str, retention: timedelta, horizon: datetime) -> list[date]:
+    """In order, for each expired day: finish or start its detach, then drop the table.
+
+    A partition detached by an earlier pass whose DROP failed (lock timeout) is no
+    longer listed by pg_inherits: such leftovers (<table>_pYYYYMMDD, not a partition)
+    are dropped too.
+    """
+    days = {day: ("pending" if pending else "attached") for day, pending in existing(cur, table).items()}
+    cur.execute("SELECT c.relname FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace"
+                " AND c.relkind = 'r' AND NOT c.relispartition AND c.relname ~ %s", (f"^{table}_p[0-9]{{8}}$",))
+    for (name,) in cur.fetchall():
+        days.setdefault(datetime.strptime(name[-8:], "%Y%m%d").date(), "detached")
+    dropped = []
+    for day, state in sorted(days.items()):
+        if datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1) > horizon:
+            continue
+        name = partition_name(table, day)
+        cur.execute(f"SET statement_timeout = {DETACH_TIMEOUT_MS}")
+        if state == "pending":  # an earlier DETACH CONCURRENTLY was interrupted
+            cur.execute(f"ALTER TABLE {table} DETACH PARTITION {name} FINALIZE")
+        elif state == "attached":
+            cur.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
+        cur.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        cur.execute(f"DROP TABLE {name}")
+        cur.execute("RESET lock_timeout")
+        cur.execute("RESET statement_timeout")
+        dropped.append(day)
     if dropped:
         log.info("%s: retention %s dropped partition(s) %s", table, retention,
                  ", ".join(d.isoformat() for d in dropped))
     return dropped
+
+
+class Maintenance:
+    """A collector's partition upkeep, off its main loop.
+
+    maybe_start() (from the loop, cheap): when due, starts one pass of maintain() in a
+    daemon thread with a connection of its own, unless the last pass still runs.
+    Due at once, then every `every` seconds; a failed pass is retried after
+    `retry` seconds (logged, counted). The loop never waits on DDL: a DETACH that
+    waits for a long reader must not stall a socket loop.
+    """
+
+    def __init__(self, dsn: str, tables: dict[str, timedelta | None], *, name: str = "partitions",
+                 every: float = MAINTAIN_EVERY, retry: float = 60.0, clock=None):
+        self.dsn, self.tables, self.name = dsn, dict(tables), name
+        self.every, self.retry = every, retry
+        self.clock = clock or time.monotonic
+        self._next = 0.0
+        self._thread = None
+        self.counters = {"partitions_created": 0, "partitions_dropped": 0, "partition_errors": 0,
+                         "partition_last_error": None}
+
+    def maybe_start(self) -> bool:
+        """Start a pass if one is due and none runs; True when it started one."""
+        if not self.tables or self.clock() < self._next or (self._thread is not None and self._thread.is_alive()):
+            return False
+        self._next = self.clock() + self.every
+        self._thread = threading.Thread(target=self._pass, name=f"partitions-{self.name}", daemon=True)
+        self._thread.start()
+        return True
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _pass(self) -> None:
+        try:
+            done = maintain(self.dsn, self.tables, application_name=f"collectord:{self.name}:partitions")
+        except Exception as err:
+            self.counters["partition_errors"] += 1
+            self.counters["partition_last_error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+            self._next = min(self._next, self.clock() + self.retry)
+            log.warning("%s: partition maintenance failed (%s); retrying in %.0f s", self.name,
+                        self.counters["partition_last_error"], self.retry)
+            return
+        for figures in done.values():
+            self.counters["partitions_created"] += len(figures["created"])
+            self.counters["partitions_dropped"] += len(figures["dropped"])
 
 
 def ahead(now: datetime | None = None, days: int = AHEAD) -> list[date]:
