@@ -168,8 +168,12 @@ def create(conn, table: str, days: Iterable[date]) -> list[date]:
     made: list[date] = []
     failed: BaseException | None = None
     with conn.cursor() as cur:
+        cur.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (table,))
+        kind = cur.fetchone()
         have = existing(cur, table)
     conn.commit()
+    if kind is None or kind[0] != "p":  # not migrated to partitions (yet): nothing to create
+        return made
     for day in sorted(set(days) - set(have)):
         try:
             with conn.cursor() as cur:
