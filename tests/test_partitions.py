@@ -280,11 +280,16 @@ def test_live_millisecond_and_backfilled_second_share_a_day_and_land_once(writer
 
 
 @pytest.mark.parametrize("first", ["live", "backfill"])
-def test_a_twin_stamped_across_midnight_is_not_stored_twice(writer, db, first):
-    """Should the Data API ever round (or lag) instead of truncate, a trade near midnight
-    gets another day from each source; the guard finds the twin in the next partition."""
-    live = trade(MIDNIGHT - timedelta(milliseconds=300), "0xe2")
-    twin = trade(MIDNIGHT, "0xe2", source="backfill")  # rounded up into the next day
+@pytest.mark.parametrize("matched, stamped", [
+    (timedelta(milliseconds=-300), timedelta(0)),  # the Data API rounds to the nearest second
+    (timedelta(seconds=-45), timedelta(seconds=40)),  # it stamps the block time, 85 s after the match
+], ids=["rounded", "settled"])
+def test_a_twin_stamped_across_midnight_is_not_stored_twice(writer, db, first, matched, stamped):
+    """Should the Data API's second not truncate the live millisecond, a trade near
+    midnight gets another day from each source; the guard finds the twin in the
+    neighbouring partition."""
+    live = trade(MIDNIGHT + matched, "0xe2")
+    twin = trade(MIDNIGHT + stamped, "0xe2", source="backfill")
     other = trade(MIDNIGHT + timedelta(seconds=2), "0xe3", source="backfill")  # a different trade: kept
     batches = [[live], [twin, other]] if first == "live" else [[twin, other], [live]]
     for batch in batches:
@@ -295,7 +300,7 @@ def test_a_twin_stamped_across_midnight_is_not_stored_twice(writer, db, first):
     assert rows[0][1] == ("ws" if first == "live" else "backfill")  # the first writer's row stays
 
 
-def test_only_trades_within_a_minute_of_midnight_are_guarded():
+def test_only_trades_within_two_minutes_of_midnight_are_guarded():
     """The guard costs only the rows near midnight: other batches keep the direct COPY."""
     from workers.storage.rows import row_converter
     from workers.storage.tables import TABLES, trade_near_midnight
@@ -305,9 +310,9 @@ def test_only_trades_within_a_minute_of_midnight_are_guarded():
     def near(ts) -> bool:
         return trade_near_midnight(convert(trade(ts)))
 
-    assert near(MIDNIGHT - timedelta(seconds=59)) and near(MIDNIGHT + timedelta(seconds=59, milliseconds=999))
-    assert not near(MIDNIGHT - timedelta(seconds=61)) and not near(MIDNIGHT + timedelta(seconds=61))
+    assert near(MIDNIGHT - timedelta(seconds=120)) and near(MIDNIGHT + timedelta(seconds=119, milliseconds=999))
+    assert not near(MIDNIGHT - timedelta(seconds=121)) and not near(MIDNIGHT + timedelta(seconds=120))
     assert not near(datetime(2026, 3, 14, 12, tzinfo=UTC))
     # another offset: 01:00:30+01:00 is 00:00:30 UTC
     assert near(datetime(2026, 3, 15, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))))
-    assert not near(datetime(2026, 3, 15, 0, 0, 30, tzinfo=timezone(timedelta(hours=1))))
+    assert not near(datetime(2026, 3, 15, 0, 2, 30, tzinfo=timezone(timedelta(hours=1))))

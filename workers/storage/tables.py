@@ -201,9 +201,11 @@ ORDERBOOK_SNAPSHOTS = Table(
 # row that does not carry it (a dict row without it, a spool of an older version)
 # gets it from ts here.
 _TRADE_DAY = "COALESCE(s.trade_day, (s.ts AT TIME ZONE 'UTC')::date)"
-# Seconds around midnight (UTC) within which a trade's two sources could, if the Data
-# API's second ever were not the live millisecond truncated, disagree on the day.
-DAY_GUARD = 60
+# Seconds around midnight (UTC) within which a trade's two sources could disagree on
+# the day: should the Data API's second not be the live millisecond truncated (polysim's
+# is) but the later block time (backfill_settle: 30 s by default), a trade matched less
+# than that before midnight is stamped after it. A multiple of 60 (see _CLOCK_NEAR).
+DAY_GUARD = 120
 _TRADE_NEAR = (f"(s.ts AT TIME ZONE 'UTC')::time NOT BETWEEN time '00:00:00' + interval '{DAY_GUARD} s'"
                f" AND time '23:59:59.999999' - interval '{DAY_GUARD} s'")
 _TRADE_TWIN = (
@@ -212,7 +214,9 @@ _TRADE_TWIN = (
     " AND o.tx_hash = s.tx_hash AND o.price = s.price::numeric AND o.size = s.size::numeric AND o.side = s.side"
     " AND o.ordinal = COALESCE(s.ordinal, 0))"
 )
-_CLOCK_NEAR = ("00:00", "23:59")  # HH:MM of a UTC time within DAY_GUARD (60 s) of midnight
+# HH:MM of the UTC times within DAY_GUARD of midnight
+_CLOCK_NEAR = frozenset([f"00:{m:02d}" for m in range(DAY_GUARD // 60)]
+                        + [f"23:{59 - m:02d}" for m in range(DAY_GUARD // 60)])
 
 
 def trade_near_midnight(row: list) -> bool:
