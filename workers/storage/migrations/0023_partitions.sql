@@ -31,6 +31,11 @@
 -- none duplicated: the old keys were stricter than the new ones), build the indexes
 -- after the copy (faster than maintaining them row by row), name the child indexes,
 -- drop the old table. Measured: `python -m bench storage --migrate-rows 1000000`.
+-- The tables are locked (ACCESS EXCLUSIVE) until it commits: stop the collectors, or
+-- let `collectord start` run it before it forks them. The copy of a big table can take
+-- longer than migrate.py's 600 s statement timeout, which therefore does not apply here.
+
+SET LOCAL statement_timeout = 0;
 
 DO $migration$
 DECLARE
