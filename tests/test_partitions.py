@@ -254,6 +254,20 @@ def test_retention_finishes_what_an_interrupted_pass_left(writer, db):
     assert not query(db, "SELECT relname FROM pg_class WHERE relname LIKE 'orderbook_snapshots_p202106%%'")
 
 
+def test_a_row_for_a_day_left_detached_reattaches_it(writer, db):
+    old = datetime(2022, 2, 2, 2, tzinfo=UTC)
+    writer.add("trades", [trade(old, "0x1")])
+    writer.flush()
+    with psycopg2.connect(db, connect_timeout=10) as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE trades DETACH PARTITION trades_p20220202")  # a pass died before its DROP
+    conn.close()
+    writer.partitions.forget()
+    writer.add("trades", [trade(old, "0x2")])
+    writer.flush()
+    assert writer.stats()["rows_rejected"] == 0
+    assert query(db, "SELECT tx_hash FROM trades ORDER BY 1") == [("0x1",), ("0x2",)]
+
+
 def test_retention_is_never_a_delete(writer, db):
     """Retention leaves the rows of kept partitions untouched: no dead tuples anywhere."""
     now = datetime.now(UTC)

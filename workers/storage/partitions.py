@@ -138,10 +138,14 @@ def _create(cur, spec: Partitioned, day: date) -> bool:
     """Create and attach one day's partition (inside the caller's transaction); False if it exists."""
     name = partition_name(spec.table, day)
     cur.execute("SELECT pg_advisory_xact_lock(hashtext('collectord.partitions'), hashtext(%s))", (spec.table,))
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
-    if cur.fetchone()[0]:
+    cur.execute("SELECT relispartition FROM pg_class WHERE oid = to_regclass(%s)", (name,))
+    found = cur.fetchone()
+    if found and found[0]:
         return False
-    cur.execute(f"CREATE TABLE {name} (LIKE {spec.table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    if not found:
+        cur.execute(f"CREATE TABLE {name} (LIKE {spec.table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+    # else: the day's table, detached by a retention pass that died before its DROP, and
+    # a row of that day arrived: it goes back, rows and all (the next pass drops it again)
     cur.execute(f"ALTER TABLE {spec.table} ATTACH PARTITION {name}"
                 f" FOR VALUES FROM ({spec.bound(day)}) TO ({spec.bound(day + timedelta(days=1))})")
     # Name the child's indexes after the parent's (ATTACH gave them generated names).
