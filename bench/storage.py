@@ -114,6 +114,23 @@ def migrations_before(version: int, tmp: Path) -> Path:
     return out
 
 
+def real_book_rows(n: int) -> list[dict]:
+    """n order-book rows built from the real books recorded in tests/data (42 to 157 levels
+    a side), parsed as the orderbooks collector parses them, each repeated under other
+    tokens and times: what real depth and real numbers cost, compression included."""
+    from workers.orderbooks import parse_book
+
+    data = Path(__file__).resolve().parent.parent / "tests" / "data"
+    books = [parse_book(json.loads((data / name).read_text()))
+             for name in ("clob_book_559651_yes.json", "clob_book_559651_no.json", "clob_book_neg_risk.json")]
+    out = []
+    for i in range(n):
+        row = dict(books[i % len(books)])
+        row.update(token_id=TOKENS[i % len(TOKENS)], ts=T0 + timedelta(seconds=i // len(TOKENS)), hash=f"{i:040x}")
+        out.append(row)
+    return out
+
+
 class Schema:
     """A fresh migrated schema on the server (all migrations, or those in `directory`); dropped on exit."""
 
@@ -376,7 +393,9 @@ def run_book_formats(args, tmp: Path) -> dict:
     index) and COPY rows/s into an empty table of the format."""
     out = {}
     with Schema(args.dsn) as dsn:
-        run_writer(dsn, "orderbook_snapshots", book_rows(args.book_rows, levels=args.book_levels), "copy", tmp)
+        books = (real_book_rows(args.book_rows) if args.book_levels == 0
+                 else book_rows(args.book_rows, levels=args.book_levels))
+        run_writer(dsn, "orderbook_snapshots", books, "copy", tmp)
         conn = psycopg2.connect(dsn, connect_timeout=10)
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -478,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--book-rows", type=int, default=20_000, help="order-book rows (20 levels a side)")
     parser.add_argument("--replay-rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians reported)")
-    parser.add_argument("--book-levels", type=int, default=20, help="levels a side in the book format comparison")
+    parser.add_argument("--book-levels", type=int, default=20, help="levels a side in the book format comparison (0: the real books in tests/data)")
     parser.add_argument("--migrate-rows", type=int, default=0,
                         help="time migration 0023 on a database of N rows (45%% trades, 45%% prices, 10%% books)")
     parser.add_argument("--cases", default="writer,partitions,formats",
@@ -548,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{f['index_bytes_per_row']:>9}{f['bytes_per_row']:>9}{f['raw_copy_rows_per_s']:>12,}{writer:>10}")
         summary["partitioning"] = partitioning
     if formats is not None:
-        print(f"\norder book formats, {args.book_rows:,} snapshots of {args.book_levels} levels a side "
+        depth = f"{args.book_levels} levels a side" if args.book_levels else "real books (tests/data, 42-157 levels a side)"
+        print(f"\norder book formats, {args.book_rows:,} snapshots of {depth} "
               "(heap with TOAST + primary key)")
         print(f"{'format':<16}{'bytes/snapshot':>15}{'heap':>9}{'COPY rows/s':>13}{'vs jsonb':>9}")
         base = formats["jsonb"]["bytes_per_snapshot"]

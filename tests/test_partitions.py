@@ -4,6 +4,7 @@ trades key across a day boundary."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from datetime import date, datetime, timedelta, timezone
@@ -153,6 +154,9 @@ def test_migration_converts_a_populated_database_without_losing_or_duplicating_a
     assert query(pg_dsn, "SELECT tx_hash, trade_day FROM trades WHERE token_id = 'tokm' ORDER BY 1") == [
         ("0xm1", date(2026, 3, 14)), ("0xm2", date(2026, 3, 15))]
     assert not query(pg_dsn, "SELECT relname FROM pg_class WHERE relname LIKE '%%_unpartitioned'")
+    plan = "\n".join(r[0] for r in query(pg_dsn, "EXPLAIN SELECT * FROM trades WHERE ts >= '2026-03-13 01:00+00'"
+                                                 " AND ts < '2026-03-13 02:00+00'"))
+    assert set(re.findall(r"trades_p\d{8}", plan)) == {"trades_p20260313"}, plan  # the migrated days' CHECKs
     # The keys still hold: every stored trade written again through the Writer adds nothing.
     rows = query(pg_dsn, f"SELECT {OLD_TRADES} FROM trades")
     w = Writer(pg_dsn, tmp_path / "spool", name="again", background=False).open()
@@ -194,6 +198,28 @@ def test_a_partition_dropped_behind_a_writers_back_is_made_again(writer, db):
     writer.flush()
     assert writer.stats()["rows_rejected"] == 0
     assert query(db, "SELECT tx_hash FROM trades") == [("0x2",)]
+
+
+def test_a_constant_ts_range_on_trades_reads_only_its_days(writer, db):
+    """trades partition on trade_day, yet `WHERE token_id = ... AND ts BETWEEN ...` (the
+    documented query) reads only the partitions of those days: each one's CHECK on ts."""
+    writer.add("trades", [trade(datetime(2026, 3, d, 12, tzinfo=UTC), f"0x{d}") for d in range(10, 16)])
+    writer.flush()
+    conn = psycopg2.connect(db, connect_timeout=10)
+    with conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'Asia/Tokyo'")
+        cur.execute("EXPLAIN SELECT * FROM trades WHERE token_id = %s"
+                    " AND ts >= '2026-03-12 06:00+00' AND ts < '2026-03-13 06:00+00'", (TOKEN,))
+        plan = "\n".join(r[0] for r in cur.fetchall())
+        cur.execute("SELECT tx_hash FROM trades WHERE ts >= '2026-03-12 06:00+00' AND ts < '2026-03-13 18:00+00'"
+                    " ORDER BY 1")
+        assert cur.fetchall() == [("0x12",), ("0x13",)]
+        with pytest.raises(psycopg2.errors.CheckViolation):  # a trade_day that is not its ts's day
+            cur.execute("INSERT INTO trades (token_id, ts, price, size, side, source, trade_day)"
+                        " VALUES ('1', '2026-03-12 12:00+00', 1, 1, 'BUY', 'ws', '2026-03-13')")
+    conn.close()
+    touched = set(re.findall(r"trades_p\d{8}", plan))
+    assert touched == {"trades_p20260312", "trades_p20260313"}, plan
 
 
 def test_creators_racing_for_the_same_days_make_each_partition_once(db):

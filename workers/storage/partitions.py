@@ -62,6 +62,16 @@ class Partitioned:
     table: str
     column: str
     kind: str  # 'timestamptz' | 'date'
+    # kind 'date': the time column the day is computed from. Each partition gets a CHECK
+    # that its rows' times lie in its day, so a query on a constant time range reads
+    # only those days' partitions (constraint exclusion), not every day's index.
+    time_column: str | None = None
+
+    def time_check(self, day: date) -> str:
+        """The CHECK constraint a partition of day carries on time_column (kind 'date')."""
+        lo = f"'{day.isoformat()} 00:00:00+00'"
+        hi = f"'{(day + timedelta(days=1)).isoformat()} 00:00:00+00'"
+        return f"CHECK ({self.time_column} >= {lo} AND {self.time_column} < {hi})"
 
     def bound(self, day: date) -> str:
         """The SQL literal of a partition bound at the start of day (UTC)."""
@@ -74,7 +84,7 @@ class Partitioned:
 PARTITIONED: dict[str, Partitioned] = {
     p.table: p
     for p in (
-        Partitioned("trades", "trade_day", "date"),
+        Partitioned("trades", "trade_day", "date", time_column="ts"),
         Partitioned("price_snapshots", "ts", "timestamptz"),
         Partitioned("orderbook_snapshots", "ts", "timestamptz"),
     )
@@ -144,6 +154,8 @@ def _create(cur, spec: Partitioned, day: date) -> bool:
         return False
     if not found:
         cur.execute(f"CREATE TABLE {name} (LIKE {spec.table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        if spec.time_column:
+            cur.execute(f"ALTER TABLE {name} ADD CONSTRAINT {name}_{spec.time_column}_day {spec.time_check(day)}")
     # else: the day's table, detached by a retention pass that died before its DROP, and
     # a row of that day arrived: it goes back, rows and all (the next pass drops it again)
     cur.execute(f"ALTER TABLE {spec.table} ATTACH PARTITION {name}"

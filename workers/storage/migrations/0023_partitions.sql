@@ -132,6 +132,14 @@ BEGIN
                            spec.name || '_p' || to_char(d, 'YYYYMMDD'), spec.name,
                            CASE WHEN spec.kind = 'date' THEN d::text ELSE d::text || ' 00:00:00+00' END,
                            CASE WHEN spec.kind = 'date' THEN (d + 1)::text ELSE (d + 1)::text || ' 00:00:00+00' END);
+            IF spec.kind = 'date' THEN
+                -- a trades partition's rows have their ts in its day: a constant ts range
+                -- then reads only its days' partitions (constraint exclusion)
+                EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (ts >= %L AND ts < %L)',
+                               spec.name || '_p' || to_char(d, 'YYYYMMDD'),
+                               spec.name || '_p' || to_char(d, 'YYYYMMDD') || '_ts_day',
+                               d::text || ' 00:00:00+00', (d + 1)::text || ' 00:00:00+00');
+            END IF;
         END LOOP;
     END LOOP;
 END
