@@ -20,10 +20,14 @@ How a batch travels, in order:
      batch is delivered.
   3. Delivery: if the spool holds anything, or the database is known down and
      not yet due for a retry, the batch is appended to the spool (nothing
-     overtakes spooled rows). Otherwise it is written in ONE transaction:
+     overtakes spooled rows). Otherwise the partitions its rows need that this
+     Writer has not seen yet are created (partitions.py: a row of any day is
+     stored), and then it is written in ONE transaction:
      per table, COPY into a temp staging table, INSERT ... SELECT ... ON CONFLICT;
      for DO NOTHING tables (trades, books, prices) first a COPY straight into
-     the table, which is undone for the staging path if it meets a duplicate.
+     the table, which is undone for the staging path if it meets a duplicate
+     (trades within two minutes of a UTC midnight always take the staging path,
+     whose guard looks for their twin in the neighbouring day: tables.py).
      Rows holding a NUL or a lone surrogate (no PostgreSQL text can) are left
      out and go to rejected.jsonl.
   4. Connection trouble -> the batch goes to the spool and retries back off
