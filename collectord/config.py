@@ -13,6 +13,7 @@ import configparser
 import os
 import re
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
@@ -32,6 +33,9 @@ BUILTIN_TARGETS = MappingProxyType(
         "trades": "workers.trades:TradesCollector",
     }
 )
+
+# Built-in collectors whose tables are not partitioned (a `retention` there is a mistake).
+_NO_RETENTION = frozenset({BUILTIN_TARGETS["markets"], BUILTIN_TARGETS["resolutions"]})
 
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -86,7 +90,11 @@ class Selection:
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    """[collector:NAME]: enabled, target, shards, and the collector's own options.
+    """[collector:NAME]: enabled, target, shards, retention, and the collector's own options.
+
+    retention ('90d', '13w'; empty: for ever) is checked here and handed to the
+    collector as its `retention` option, in days ('90d'); the collectors that own a
+    partitioned table (trades, prices, orderbooks) drop its partitions older than that.
 
     options holds every other key as the string the file gave; the collector class
     converts and validates them when it is constructed (before the fork).
@@ -97,6 +105,8 @@ class CollectorConfig:
     enabled: bool = True
     shards: int = 1
     options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # How long the collector's partitioned table keeps its rows (whole days); None: for ever.
+    retention: timedelta | None = None
 
     def child_names(self) -> tuple[str, ...]:
         """Process names: 'trades' for one shard, 'trades.0'..'trades.N-1' for N."""
@@ -274,10 +284,30 @@ def _parse_collector(path, parser, section, name) -> CollectorConfig:
         raise reader._err("target", f"expected package.module:Class, got {target!r}")
     enabled = reader.boolean("enabled", True)
     shards = reader.number("shards", 1, minimum=1, integer=True)
+    retention = _parse_retention(reader, "retention")
+    if retention is not None and target in _NO_RETENTION:
+        raise reader._err("retention", "this collector's tables are not partitioned; retention applies to "
+                                       "trades, prices and orderbooks")
     options = {k: v for k, v in reader.items.items() if k not in reader.used}
+    if retention is not None:
+        options["retention"] = f"{retention.days}d"
     return CollectorConfig(
-        name=name, target=target, enabled=enabled, shards=shards, options=MappingProxyType(options)
+        name=name, target=target, enabled=enabled, shards=shards, options=MappingProxyType(options),
+        retention=retention,
     )
+
+
+def _parse_retention(reader: _Reader, key: str) -> timedelta | None:
+    """'90d' / '13w' -> timedelta, '' -> None (keep for ever); anything else is a ConfigError."""
+    value = reader.str(key, "")
+    if not value:
+        return None
+    from workers.storage.partitions import RetentionError, parse_retention
+
+    try:
+        return parse_retention(value)
+    except RetentionError as err:
+        raise reader._err(key, str(err)) from None
 
 
 def parse(text: str, path: str | None = None, *, euid: int | None = None, home: str | None = None) -> Config:

@@ -18,7 +18,8 @@ import pytest
 from tests.conftest import ROOT
 
 QUICK = {
-    "storage": ["--rows", "3000", "--naive-rows", "200", "--book-rows", "300", "--replay-rows", "2000", "--rounds", "1"],
+    "storage": ["--rows", "3000", "--naive-rows", "200", "--book-rows", "300", "--replay-rows", "2000", "--rounds", "1",
+                "--migrate-rows", "3000"],
     "books": ["--markets", "60", "--cycles", "1"],
     "book_events": ["--quick"],
     "ingest": ["--quick"],

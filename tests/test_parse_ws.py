@@ -30,6 +30,7 @@ def test_last_trade_price_row_exact():
         "tx_hash": "0x6c83cdd2cd59f46a116824aecc9d9b05fc58af1a8f9cfdf09033f5cdb77e0dcf",
         "fee_rate_bps": "0",
         "source": "ws",
+        "trade_day": "2026-08-14",  # the partition column: the UTC day of ts
     }]
     assert int(row_dict(out.trades[0])["ts"].timestamp() * 1000) == 1786728467101
 

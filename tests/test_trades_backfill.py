@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from hypothesis import given, settings, strategies as st
 
@@ -25,7 +25,7 @@ def test_data_api_row_maps_to_the_live_shape():
         "token_id": TOKEN, "condition_id": COND, "ts": datetime(2026, 8, 16, 6, 22, 30, tzinfo=timezone.utc),
         "price": "0.16", "size": "21", "side": "BUY",
         "tx_hash": "0xdb79d27479869fbbea544110dc4120a945774825369b1a321ec507c4b15a034d",
-        "fee_rate_bps": None, "source": "backfill",
+        "fee_rate_bps": None, "source": "backfill", "trade_day": date(2026, 8, 16),
     }]
     assert rows_from_data_api(payload, tokens={"1"}) == ([], 0)  # another shard's token
 

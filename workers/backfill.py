@@ -115,16 +115,20 @@ def rows_from_data_api(payload: Any, tokens: set[str] | None = None) -> tuple[li
                 or not isinstance(ts, int) or not 0 < ts < 10**11):
             skipped += 1
             continue
+        when = EPOCH + timedelta(seconds=ts)
         rows.append({
             "token_id": token,
             "condition_id": condition,
-            "ts": EPOCH + timedelta(seconds=ts),
+            "ts": when,
             "price": price,
             "size": size,
             "side": side,
             "tx_hash": tx.lower() if tx else None,
             "fee_rate_bps": None,
             "source": "backfill",
+            # The partition column: the UTC day of this second, which is the day of the
+            # live millisecond it truncates (migrations/0023_partitions.sql).
+            "trade_day": when.date(),
         })
     return rows, skipped
 

@@ -47,7 +47,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 # The trades table's columns, in the order of the rows parse() yields (workers/storage/tables.py).
 TRADE_COLUMNS = ("token_id", "condition_id", "ts", "price", "size", "side", "tx_hash", "ordinal", "fee_rate_bps",
-                 "source", "received_at")
+                 "source", "received_at", "trade_day")
 ORDINAL, RECEIVED_AT = 7, 10  # the two places the caller fills in
 
 # Canonical decimal text: no sign, no leading zeros, no trailing fractional zeros.
@@ -253,6 +253,7 @@ def _trade(msg: dict) -> list:
         "ws",
         None,
     ]
+    row.append(row[2][:10])  # trade_day: ts is UTC ISO text (ms_text), so its date part is the UTC day
     # All valid: remember what arrived canonical, so the next trade like it is checked by lookups.
     _valid_tokens.remember(row[0])
     _valid_markets.remember(row[1])
@@ -503,7 +504,8 @@ def _fast(items: list, out: Parsed, books: bool = False) -> None:
             if (text is not None and x.asset_id in tokens and x.market in markets and x.price in prices
                     and x.fee_rate_bps in fees and (side == "BUY" or side == "SELL") and size_ok(x.size)
                     and tx is not None and tx_ok(tx)):
-                append([x.asset_id, x.market, text, x.price, x.size, side, tx, None, x.fee_rate_bps, "ws", None])
+                append([x.asset_id, x.market, text, x.price, x.size, side, tx, None, x.fee_rate_bps, "ws", None,
+                        text[:10]])
                 if ts > newest:
                     newest = ts
                 fast += 1

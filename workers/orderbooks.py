@@ -176,7 +176,9 @@ class OrderbooksCollector(PollingWorker):
         "batch": (int, 250),
         "skip_unchanged": (bool, True),
         "unchanged_every": (float, 300.0),
+        "retention": (str, ""),
     }
+    PARTITIONED_TABLES = ("orderbook_snapshots",)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

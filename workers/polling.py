@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
 import psycopg2
@@ -43,6 +43,7 @@ from workers.storage import Database, Writer
 from workers.storage.lease import Lease
 from workers.storage.writer import RowsLostError
 from workers.storage.followed import FollowedToken, followed_tokens
+from workers.storage.partitions import Maintenance, RetentionError, parse_retention
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ SPLIT_STATUSES = frozenset({400, 413, 414, 431})
 # Single ids refused in one cycle after which batches() splits no more in that cycle (see _Plan).
 MAX_REJECTED_IDS = 3
 REJECTED_LOG_EVERY = 60.0  # seconds between two log lines naming rejected ids
+
+
+def retention_option(options: dict) -> "timedelta | None":
+    """The `retention` option ('90d', '13w', '' for ever) as a timedelta; OptionError when bad."""
+    try:
+        return parse_retention(options.get("retention", ""))
+    except RetentionError as err:
+        raise OptionError("retention", str(err)) from None
 
 
 def utcnow() -> datetime:
@@ -148,6 +157,10 @@ class PollingWorker(Worker):
         "lease_retry": (float, 3.0),  # seconds between a standby's attempts to take the lease
     }
 
+    # The partitioned tables this collector owns: it creates their partitions ahead and
+    # applies its `retention` option to them (workers/storage/partitions.py).
+    PARTITIONED_TABLES: tuple[str, ...] = ()
+
     # Options that must be > 0 (convert_options already refuses negatives).
     POSITIVE = ("timeout", "connect_timeout", "deadline", "flush_rows", "batch", "page_size", "max_markets",
                 "downgrade_after", "lease_retry")
@@ -157,6 +170,8 @@ class PollingWorker(Worker):
         for key in self.POSITIVE:
             if key in self.options and not self.options[key] > 0:
                 raise OptionError(key, f"must be > 0, got {self.options[key]!r}")
+        self.retention = retention_option(self.options)
+        self.maintenance: Maintenance | None = None
         self.client: Client | None = None
         self.writer = None
         self.db = None
@@ -181,6 +196,9 @@ class PollingWorker(Worker):
                              max_rows=o["flush_rows"], max_age=o["flush_age"])
         self.writer.open()
         self.db = Database(self.dsn, application_name=f"collectord:{self.name}")
+        if self.PARTITIONED_TABLES:
+            self.maintenance = Maintenance(self.dsn, {t: self.retention for t in self.PARTITIONED_TABLES},
+                                           name=self.name)
 
     def shutdown(self) -> None:
         if self.writer is not None:
@@ -221,6 +239,8 @@ class PollingWorker(Worker):
         started = time.monotonic()
         requests_before = self.client.requests_made if self.client else 0
         figures: dict[str, Any] = {}
+        if self.maintenance is not None:
+            self.maintenance.maybe_start()  # partitions ahead, retention: in a thread of its own
         try:
             self.cycle(figures)
         except Stopping:
@@ -341,6 +361,8 @@ class PollingWorker(Worker):
             out["last_batch_ms"] = w.get("last_batch_ms")
         if self.lease is not None:
             out.update(self.lease.status())
+        if self.maintenance is not None:
+            out.update(self.maintenance.counters)
         out["malformed"] = self.problems.total
         out["cycles"] = self.cycles
         out["last_cycle"] = self.last_cycle

@@ -122,7 +122,8 @@ class PricesCollector(PollingWorker):
     its start time as `ts`.
     """
 
-    OPTIONS = {**PollingWorker.OPTIONS, "interval": (float, 10.0), "batch": (int, 250)}
+    OPTIONS = {**PollingWorker.OPTIONS, "interval": (float, 10.0), "batch": (int, 250), "retention": (str, "")}
+    PARTITIONED_TABLES = ("price_snapshots",)
 
     @property
     def clob(self) -> str:

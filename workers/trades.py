@@ -120,6 +120,7 @@ from workers.bookevents import rows as book_rows
 from workers.base import OptionError, Worker
 from workers.feed import Feed
 from workers.messages import ORDINAL, RECEIVED_AT, parse
+from workers.storage.partitions import Maintenance, RetentionError, parse_retention
 from workers.ws import WsOptions
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class TradesCollector(Worker):
         # Record every book event (`book`, `price_change`, `tick_size_change`) of the followed
         # tokens in `book_events` (workers/bookevents.py); off: they are only counted.
         "books": (bool, False),
+        "retention": (str, ""),  # trades partitions older than this are dropped ('90d'; '': never)
     }
 
     def __init__(self, **kwargs: Any):
@@ -258,6 +260,11 @@ class TradesCollector(Worker):
                 raise OptionError(key, f"must be > 0, got {o[key]}")
         if "ws_url" not in self.urls or "data_url" not in self.urls:
             raise OptionError("ws_url", "the trade listener needs ws_url and data_url")
+        try:
+            self.retention = parse_retention(o["retention"])
+        except RetentionError as err:
+            raise OptionError("retention", str(err)) from None
+        self.maintenance: Maintenance | None = None
         self.interval = 0.0
         self.shard_label = f"{self.shard}/{self.shards}"
         self.ws_options = WsOptions(
@@ -307,6 +314,9 @@ class TradesCollector(Worker):
         spool = os.path.join(self.data_dir or ".", "spool")
         self.writer = Writer(self.dsn, spool, name=self.name, max_rows=o["flush_rows"], max_age=o["flush_age"])
         self.writer.open()
+        # Partitions ahead and retention, in a thread of its own (every shard: they serialize
+        # in the database, and the work is done once).
+        self.maintenance = Maintenance(self.dsn, {"trades": self.retention}, name=self.name)
         # No retries and a short Retry-After cap inside the client: a request must not
         # hold the socket loop for long; a failed request is retried by our own backoff.
         self.http = Client(timeout=(3.05, 10), rate=o["backfill_rate"], retries=0, deadline=15.0,
@@ -347,6 +357,7 @@ class TradesCollector(Worker):
         end = time.monotonic() + 0.5
         while not self.stopping:
             self.beat()
+            self.maintenance.maybe_start()
             now = time.monotonic()
             if now >= self._next_refresh:
                 self._next_refresh = now + self.options["refresh_interval"]
@@ -710,6 +721,8 @@ class TradesCollector(Worker):
             counters["spool_bytes"] = wstats.get("spool_bytes", 0)
             counters["db_ok"] = wstats.get("db_ok")
         counters.update(self.stats)
+        if self.maintenance is not None:
+            counters.update(self.maintenance.counters)
         counters["tokens"] = len(self.tokens)
         owed = self._owed()
         counters["gaps_open"] = len(owed)

@@ -84,6 +84,15 @@ def to_timestamptz(value: Any) -> str | None:
     raise TypeError(f"expected datetime, got {type(value).__name__}")
 
 
+def to_date(value: Any) -> str | None:
+    """date: a date (not a datetime: its day depends on a time zone), or a string PostgreSQL parses."""
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"expected date, got {type(value).__name__}")
+
+
 def to_jsonb(value: Any) -> str | None:
     """jsonb: a str is taken as JSON text already; anything else is serialized (Decimal as a string)."""
     if value is None or type(value) is str:
@@ -102,6 +111,7 @@ CONVERTERS: dict[str, Converter] = {
     '"char"': to_text,
     "bytea": to_text,
     "numeric[]": to_text,
+    "date": to_date,
     "jsonb": to_jsonb,
 }
 

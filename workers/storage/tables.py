@@ -9,7 +9,7 @@ key is NULL (or the column's COALESCE default below), an unknown key is an error
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class Table:
     merge: bool = False
     select: Mapping[str, str] = field(default_factory=dict)
     direct: bool = False
+    guard: str = ""
+    near: Callable[[list], bool] | None = None
+    fill: Callable[[list], None] | None = None
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -51,7 +54,8 @@ class Table:
         """
         names = self.column_names
         exprs = ", ".join(self.select.get(n, f"s.{n}") for n in names)
-        return f"INSERT INTO {self.name} ({', '.join(names)}) SELECT {exprs} FROM {source} {self.conflict}"
+        where = f" WHERE NOT ({self.guard})" if self.guard else ""
+        return f"INSERT INTO {self.name} ({', '.join(names)}) SELECT {exprs} FROM {source}{where} {self.conflict}"
 
 
 def _merge_set(table: str, cols: list[str], keep_old_when_null: bool) -> str:
@@ -192,6 +196,56 @@ ORDERBOOK_SNAPSHOTS = Table(
     direct=True,
 )
 
+# The trades partition column: the UTC day of the exchange time, computed the same
+# way from a live millisecond and from its backfilled second (migrations/0023). A
+# row that does not carry it (a dict row without it, a spool of an older version)
+# gets it from ts here.
+_TRADE_DAY = "COALESCE(s.trade_day, (s.ts AT TIME ZONE 'UTC')::date)"
+# Seconds around midnight (UTC) within which a trade's two sources could disagree on
+# the day: should the Data API's second not be the live millisecond truncated (polysim's
+# is) but the later block time (backfill_settle: 30 s by default), a trade matched less
+# than that before midnight is stamped after it. A multiple of 60 (see _CLOCK_NEAR).
+DAY_GUARD = 120
+_TRADE_NEAR = (f"(s.ts AT TIME ZONE 'UTC')::time NOT BETWEEN time '00:00:00' + interval '{DAY_GUARD} s'"
+               f" AND time '23:59:59.999999' - interval '{DAY_GUARD} s'")
+_TRADE_TWIN = (
+    f"{_TRADE_NEAR} AND s.tx_hash IS NOT NULL AND EXISTS (SELECT 1 FROM trades o"
+    f" WHERE o.trade_day IN ({_TRADE_DAY} - 1, {_TRADE_DAY} + 1) AND o.token_id = s.token_id"
+    " AND o.tx_hash = s.tx_hash AND o.price = s.price::numeric AND o.size = s.size::numeric AND o.side = s.side"
+    " AND o.ordinal = COALESCE(s.ordinal, 0))"
+)
+# HH:MM of the UTC times within DAY_GUARD of midnight
+_CLOCK_NEAR = frozenset([f"00:{m:02d}" for m in range(DAY_GUARD // 60)]
+                        + [f"23:{59 - m:02d}" for m in range(DAY_GUARD // 60)])
+
+
+def trade_near_midnight(row: list) -> bool:
+    """A trades row (text, TABLES order) within DAY_GUARD seconds of a UTC midnight."""
+    text = row[2]
+    if text is None:
+        return False
+    if text.endswith("+00:00") and len(text) > 16:
+        return text[11:16] in _CLOCK_NEAR
+    from .partitions import UTC
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).strftime("%H:%M") in _CLOCK_NEAR
+    except ValueError:
+        return True  # not a text this code reads: let the guarded path decide
+
+
+def fill_trade_day(row: list) -> None:
+    """trade_day from ts when a row does not carry it (the UTC day of its text)."""
+    if row[11] is None and row[2] is not None:
+        from .partitions import utc_day
+
+        try:
+            row[11] = utc_day(row[2]).isoformat()
+        except ValueError:
+            pass  # the staging path computes it in SQL (or refuses the ts)
+
+
 TRADES = Table(
     "trades",
     (
@@ -206,13 +260,18 @@ TRADES = Table(
         ("fee_rate_bps", "numeric"),
         ("source", "text"),
         ("received_at", "timestamptz"),
+        ("trade_day", "date"),
     ),
     # (token_id, tx_hash, price, size, side, ordinal); without tx_hash, ts replaces it.
+    # trade_day, the partition column, is part of both unique indexes (0023).
     key=("token_id", "tx_hash", "price", "size", "side", "ordinal"),
     # No conflict target: DO NOTHING then honours both partial unique indexes.
     conflict="ON CONFLICT DO NOTHING",
-    select={"ordinal": "COALESCE(s.ordinal, 0)"},  # ordinal is NOT NULL
+    select={"ordinal": "COALESCE(s.ordinal, 0)", "trade_day": _TRADE_DAY},  # both NOT NULL
     direct=True,
+    guard=_TRADE_TWIN,
+    near=trade_near_midnight,
+    fill=fill_trade_day,
 )
 
 BOOK_EVENTS = Table(

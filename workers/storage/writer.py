@@ -20,10 +20,14 @@ How a batch travels, in order:
      batch is delivered.
   3. Delivery: if the spool holds anything, or the database is known down and
      not yet due for a retry, the batch is appended to the spool (nothing
-     overtakes spooled rows). Otherwise it is written in ONE transaction:
+     overtakes spooled rows). Otherwise the partitions its rows need that this
+     Writer has not seen yet are created (partitions.py: a row of any day is
+     stored), and then it is written in ONE transaction:
      per table, COPY into a temp staging table, INSERT ... SELECT ... ON CONFLICT;
      for DO NOTHING tables (trades, books, prices) first a COPY straight into
-     the table, which is undone for the staging path if it meets a duplicate.
+     the table, which is undone for the staging path if it meets a duplicate
+     (trades within two minutes of a UTC midnight always take the staging path,
+     whose guard looks for their twin in the neighbouring day: tables.py).
      Rows holding a NUL or a lone surrogate (no PostgreSQL text can) are left
      out and go to rejected.jsonl.
   4. Connection trouble -> the batch goes to the spool and retries back off
@@ -65,6 +69,7 @@ from workers.errors import CollectorError
 
 from .db import _inherited, connect
 from .db import is_connection_error as _is_connection_error
+from .partitions import PARTITIONED, Partitions
 from .rows import CONVERTERS, copy_data, row_converter, unsendable
 from .spool import Record, Spool
 from .tables import TABLES, Table
@@ -161,6 +166,8 @@ class Writer:
         # (dropped after a batch that met duplicates, back after one that met none).
         self._direct: dict[str, bool] = {}
         self._allowed = {t.name: frozenset(t.column_names) for t in TABLES.values()}
+        self._fill = {t.name: t.fill for t in TABLES.values() if t.fill is not None}
+        self.partitions = Partitions({t.name: t.column_names for t in TABLES.values()})
         self.counters: dict[str, Any] = {
             "rows_written": 0,  # rows committed to PostgreSQL (new, changed, or already there)
             "rows_inserted": 0,  # of those, rows that inserted or changed a row
@@ -283,6 +290,10 @@ class Writer:
                 append(convert(row))
             except (TypeError, ValueError, AttributeError):
                 self._explain(table, row)  # raises naming the column
+        fill = self._fill.get(table)
+        if fill is not None:
+            for row in converted:
+                fill(row)
         return self._buffer(table, converted)
 
     def add_rows(self, table: str, rows: list[list[str | None]]) -> int:
@@ -530,6 +541,7 @@ class Writer:
                 connect_timeout=self.connect_timeout,
             )
             self._conn_pid = os.getpid()
+            self.partitions.forget()  # a new connection: maybe another server, or partitions dropped
             try:
                 with conn.cursor() as cur:
                     for table in TABLES.values():
@@ -587,10 +599,32 @@ class Writer:
     def _write(self, batch: list[Record]) -> None:
         """All records in one transaction; raises (after rollback) on any error.
 
-        Rows no PostgreSQL text can carry (NUL, lone surrogate) are left out of
-        the transaction and, once it committed, go to rejected.jsonl.
+        First, in transactions of their own, the partitions the batch's rows need and
+        this Writer has not seen yet are created (partitions.py). If the batch still
+        meets a missing partition (one dropped by retention meanwhile), the known set
+        is forgotten and the batch tried once more.
         """
+        try:
+            self._write_once(batch)
+        except psycopg2.IntegrityError as err:
+            if not _no_partition(err):
+                raise
+            self.partitions.forget()
+            self._write_once(batch)
+
+    def _ensure_partitions(self, conn, batch: list[Record]) -> None:
+        for record in batch:
+            if record.table in PARTITIONED:
+                rows = record.rows
+                if record.columns != list(TABLES[record.table].column_names):
+                    rows = [self._aligned(TABLES[record.table], record, row) for row in rows]
+                self.partitions.ensure(conn, record.table, self.partitions.days(record.table, rows))
+
+    def _write_once(self, batch: list[Record]) -> None:
+        """_write's one attempt. Rows no PostgreSQL text can carry (NUL, lone surrogate) are
+        left out of the transaction and, once it committed, go to rejected.jsonl."""
         conn = self._connection()
+        self._ensure_partitions(conn, batch)
         started = time.perf_counter()
         inserted = 0
         refused: list[tuple[str, list, str]] = []
@@ -653,7 +687,8 @@ class Writer:
             if not rows:
                 return 0
             columns = ", ".join(table.column_names)
-            if table.direct and self._direct.get(table.name, True):
+            guarded = table.near is not None and any(map(table.near, rows))
+            if table.direct and self._direct.get(table.name, True) and not guarded:
                 if self._copy_direct(cur, table, columns, data, savepoint=not fresh):
                     return len(rows)
                 self._direct[table.name] = False  # duplicates around: stage until a batch has none
@@ -665,7 +700,7 @@ class Writer:
             # time, re-taking the GIL for each chunk (slow when another thread runs).
             cur.copy_expert(f"COPY {stage} ({columns}) FROM STDIN", io.BytesIO(data), size=len(data) + 1)
             cur.execute(table.insert_from(f"{stage} AS s"))
-            if table.direct and cur.rowcount == len(rows):
+            if table.direct and cur.rowcount == len(rows) and not guarded:
                 self._direct[table.name] = True  # nothing was there already: try the direct COPY again
             return cur.rowcount  # the staged rows vanish at commit (ON COMMIT DELETE ROWS)
         kept = []
@@ -846,6 +881,11 @@ class Writer:
         self.counters["last_error"] = f"spool: {reason}"[:300]
         log.error("%s: spooled record with %d row(s) not replayable (%s); kept in %s", self.name,
                   len(record.rows), reason, self.spool_path / "rejected.jsonl")
+
+
+def _no_partition(err: BaseException) -> bool:
+    """PostgreSQL found no partition for a row (check_violation from the partition router)."""
+    return getattr(err, "pgcode", None) == "23514" and "no partition" in str(err)
 
 
 def _is_row_error(err: BaseException) -> bool:
