@@ -135,7 +135,7 @@ def test_migration_converts_a_populated_database_without_losing_or_duplicating_a
               "orderbook_snapshots": fingerprint(pg_dsn, "orderbook_snapshots", books)}
     assert before["trades"][0] == 6002
 
-    assert migrate(pg_dsn) == [23]
+    assert migrate(pg_dsn)[0] == 23  # and any later ones
 
     after = {"trades": fingerprint(pg_dsn, "trades", OLD_TRADES),
              "price_snapshots": fingerprint(pg_dsn, "price_snapshots", "*"),
