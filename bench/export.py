@@ -48,15 +48,26 @@ def _execute(dsn: str, sql: str) -> None:
 
 
 def fill(dsn: str, rows: int, days: int, books: int) -> None:
+    from datetime import date, timedelta
+
+    from workers.storage import partitions
+
     step_ms = 86_400_000 / rows
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:  # the day partitions these INSERTs need (the Writer and the collectors make their own)
+        for table in ("trades", "orderbook_snapshots"):
+            partitions.create(conn, table, [date(2026, 11, 1) + timedelta(days=d) for d in range(days + 1)])
+    finally:
+        conn.close()
     _execute(dsn, f"""
-        INSERT INTO trades (token_id, condition_id, ts, price, size, side, tx_hash, ordinal, source, received_at)
-        SELECT (10::numeric ^ 77 + (i % 2000))::text, '0x' || md5((i % 1000)::text),
-               timestamptz '2026-11-01 00:00:00+00' + i * interval '1 millisecond' * {step_ms},
+        INSERT INTO trades (token_id, condition_id, ts, price, size, side, tx_hash, ordinal, source, received_at,
+                            trade_day)
+        SELECT (10::numeric ^ 77 + (i % 2000))::text, '0x' || md5((i % 1000)::text), ts,
                round((i % 999 + 1) * 0.001, 3), round(((i * 7919) % 100000) / 1000.0 + 0.000001, 6),
                CASE WHEN i % 2 = 0 THEN 'BUY' ELSE 'SELL' END, '0x' || md5(i::text), 0, 'ws',
-               timestamptz '2026-11-01 00:00:00+00' + i * interval '1 millisecond' * {step_ms} + interval '120 ms'
-        FROM generate_series(0::bigint, {rows * days - 1}::bigint) i""")
+               ts + interval '120 ms', (ts AT TIME ZONE 'UTC')::date
+        FROM generate_series(0::bigint, {rows * days - 1}::bigint) i,
+             LATERAL (SELECT timestamptz '2026-11-01 00:00:00+00' + i * interval '1 millisecond' * {step_ms}) AS t(ts)""")
     _execute(dsn, f"""
         INSERT INTO orderbook_snapshots (token_id, condition_id, ts, hash, best_bid, best_ask, bids, asks,
                                          bid_levels, ask_levels)

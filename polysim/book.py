@@ -71,15 +71,12 @@ def book_hash(summary: dict) -> str:
 class Book:
     """Levels of token 0: bids and asks as {price_units: size_cents}; best bid < best ask."""
 
-    __slots__ = ("bids", "asks", "tick", "_texts")
+    __slots__ = ("bids", "asks", "tick")
 
     def __init__(self, tick: int):
         self.bids: dict[int, int] = {}
         self.asks: dict[int, int] = {}
         self.tick = tick
-        # (price units shown, size cents) -> that level's compact JSON: a trade or a book
-        # change alters one or two levels, so a `book` message re-formats only those.
-        self._texts: dict[tuple[int, int], str] = {}
 
     # -- top of book, per token -------------------------------------------------
     def best_bid(self, token: int) -> int | None:
@@ -114,30 +111,11 @@ class Book:
         )
 
     def levels_text(self, token: int) -> str:
-        """`"bids":[...],"asks":[...]` of levels(token), as compact JSON text (the WS hot path).
-
-        Each level's text comes from a per-book cache (emptied when it outgrows the book
-        severalfold), so a refresh after a trade formats only the levels that changed.
-        """
-        if token == 0:
-            bids = sorted(self.bids.items())
-            asks = sorted(self.asks.items(), reverse=True)
-        else:
-            bids = sorted(((ONE - p, s) for p, s in self.asks.items()))
-            asks = sorted(((ONE - p, s) for p, s in self.bids.items()), reverse=True)
-        texts = self._texts
-        if len(texts) > 8 * (len(bids) + len(asks)) + 64:
-            texts.clear()
-        out = []
-        for side in (bids, asks):
-            parts = []
-            for level in side:
-                text = texts.get(level)
-                if text is None:
-                    text = texts[level] = f'{{"price":"{PRICE_TEXT[level[0]]}","size":"{size_text(level[1])}"}}'
-                parts.append(text)
-            out.append(",".join(parts))
-        return f'"bids":[{out[0]}],"asks":[{out[1]}]'
+        """`"bids":[...],"asks":[...]` of levels(token), as compact JSON text (the plain
+        form: levels_texts() makes both tokens' at once, and is what the feed uses)."""
+        bids, asks = self.levels(token)
+        return ('"bids":[' + ",".join(f'{{"price":"{x["price"]}","size":"{x["size"]}"}}' for x in bids)
+                + '],"asks":[' + ",".join(f'{{"price":"{x["price"]}","size":"{x["size"]}"}}' for x in asks) + "]")
 
     def levels_texts(self) -> tuple[str, str]:
         """(levels_text(0), levels_text(1)) with one sort per side: token 1's bids are token

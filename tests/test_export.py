@@ -314,11 +314,27 @@ def test_a_rerun_skips_unchanged_days_and_redoes_deleted_changed_and_open_ones(d
     assert " 1 rows written " in cli(conf, "trades", "--since", since, "--out", str(out)).stdout
 
 
+def _partitions(dsn: str, table: str, *days: str) -> None:
+    """The day partitions raw INSERTs need (the Writer and the collectors make their own)."""
+    from datetime import date
+
+    from workers.storage import partitions
+
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        partitions.create(conn, table, [date.fromisoformat(d) for d in days])
+    finally:
+        conn.close()
+
+
 def _bulk_trades(dsn: str, n: int) -> None:
-    execute(dsn, f"""INSERT INTO trades (token_id, condition_id, ts, price, size, side, tx_hash, ordinal, source)
-        SELECT '{TOKEN_A}', '0xcond', timestamptz '2026-11-28 00:00:00+00' + i * interval '1 millisecond' * 100,
-               0.001 * (i % 999 + 1), i % 1000 + 0.000001, 'BUY', '0x' || i, 0, 'ws'
-        FROM generate_series(1, {n}) i""")
+    _partitions(dsn, "trades", "2026-11-28", "2026-11-29", "2026-11-30")
+    execute(dsn, f"""INSERT INTO trades (token_id, condition_id, ts, price, size, side, tx_hash, ordinal, source,
+                                         trade_day)
+        SELECT '{TOKEN_A}', '0xcond', ts, 0.001 * (i % 999 + 1), i % 1000 + 0.000001, 'BUY', '0x' || i, 0, 'ws',
+               (ts AT TIME ZONE 'UTC')::date
+        FROM generate_series(1, {n}) i,
+             LATERAL (SELECT timestamptz '2026-11-28 00:00:00+00' + i * interval '1 millisecond' * 100) AS t(ts)""")
 
 
 def _export_until_temp(conf: Path, out: Path) -> tuple[subprocess.Popen, Path]:
@@ -367,8 +383,9 @@ def test_an_interrupted_export_leaves_no_partial_file_and_a_rerun_completes(db, 
 
 def test_a_value_that_does_not_fit_stops_the_export_naming_the_row(db, conf, tmp_path):
     fill(db, tmp_path)
-    execute(db, f"INSERT INTO trades (token_id, ts, price, size, side, tx_hash, source) VALUES "
-                f"('{TOKEN_B}', '2026-11-29 10:00:00.5+00', 0.123456789, 1, 'BUY', '0xwide', 'ws')")
+    _partitions(db, "trades", "2026-11-29")
+    execute(db, f"INSERT INTO trades (token_id, ts, price, size, side, tx_hash, source, trade_day) VALUES "
+                f"('{TOKEN_B}', '2026-11-29 10:00:00.5+00', 0.123456789, 1, 'BUY', '0xwide', 'ws', '2026-11-29')")
     out = tmp_path / "out"
     r = cli(conf, "trades", "--since", DAYS[0], "--until", "2026-12-01", "--out", str(out))
     assert r.returncode == 1
@@ -383,6 +400,7 @@ def test_a_value_that_does_not_fit_stops_the_export_naming_the_row(db, conf, tmp
     assert r.returncode == 1 and "size = 'NaN' does not fit decimal(24,6)" in r.stderr
 
     # inside a book side: the level's own row is named (not the batch's first)
+    _partitions(db, "orderbook_snapshots", "2026-11-30")
     execute(db, """INSERT INTO orderbook_snapshots (token_id, ts, hash, bids, asks) VALUES
         ('111', '2026-11-30 01:00+00', 'a', '[]', '[["0.5", "1"]]'),
         ('222', '2026-11-30 02:00+00', 'b', '[["0.4", "2"], ["0.3", "0.0000001"]]', NULL)""")

@@ -65,6 +65,12 @@ def test_the_doubled_snapshot_measure_sees_two_pollers(pg_dsn):
 
     migrate(pg_dsn)
     conn = psycopg2.connect(pg_dsn)
+    from datetime import date
+
+    from workers.storage import partitions
+
+    for table in ("price_snapshots", "orderbook_snapshots"):  # raw INSERTs below: their day's partition
+        partitions.create(conn, table, [date(2001, 9, 9)])
     with conn, conn.cursor() as cur:
         for token in ("1", "2"):
             cur.execute("INSERT INTO price_snapshots (token_id, ts) SELECT %s, to_timestamp(1e9 + g)"

@@ -168,14 +168,20 @@ def conflicting_rows(sim, direct_dsn: str, journal: Journal, n: int = 30) -> int
     conn = psycopg2.connect(direct_dsn, connect_timeout=10)
     inserted = 0
     try:
+        from workers.storage import partitions
+
+        # raw INSERTs: their days' partitions (the Writer and the collectors make their own)
+        partitions.create(conn, "trades", {datetime.fromtimestamp(int(t["timestamp"]) / 1000, UTC).date() for t in rows})
         with conn, conn.cursor() as cur:
             for t in rows:
                 cur.execute(
                     "INSERT INTO trades (token_id, condition_id, ts, price, size, side, tx_hash, ordinal,"
-                    " fee_rate_bps, source, received_at) VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, 'ws', now())"
+                    " fee_rate_bps, source, received_at, trade_day) VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, 'ws',"
+                    " now(), (%s::timestamptz AT TIME ZONE 'UTC')::date)"
                     " ON CONFLICT DO NOTHING",
                     (t["asset_id"], t["market"], datetime.fromtimestamp(int(t["timestamp"]) / 1000, UTC),
-                     t["price"], t["size"], t["side"], t["transaction_hash"].lower(), t.get("fee_rate_bps")))
+                     t["price"], t["size"], t["side"], t["transaction_hash"].lower(), t.get("fee_rate_bps"),
+                     datetime.fromtimestamp(int(t["timestamp"]) / 1000, UTC)))
                 inserted += cur.rowcount
     finally:
         conn.close()
