@@ -127,19 +127,27 @@ def test_migration_converts_a_populated_database_without_losing_or_duplicating_a
             SELECT 'tok' || (i % 7), timestamptz '2026-03-12 00:00:00+00' + (i * interval '345.6 s'), md5(i::text),
                    0.4, 0.6, '[["0.4","10"],["0.39","5"]]', '[["0.6","7"]]'
               FROM generate_series(0, 999) AS i""")
+        # book events (0022, partitioned by 0025): checkpoints and level updates over the same days
+        cur.execute("""INSERT INTO book_events (token_id, ts, kind, hash, bids, asks, received_at)
+            SELECT 'tok' || (i % 7), timestamptz '2026-03-12 00:00:00+00' + (i * interval '172.8 s'),
+                   CASE WHEN i % 4 = 0 THEN 'b' ELSE 'p' END, decode(md5(i::text), 'hex'),
+                   '{{0.4,10},{0.39,5}}', CASE WHEN i % 4 = 0 THEN '{{0.6,7}}'::numeric[] END, now()
+              FROM generate_series(0, 1999) AS i""")
     conn.close()
     books = "token_id, condition_id, ts, hash, best_bid, best_ask, spread, bid_depth, ask_depth, bid_levels, " \
             "ask_levels, bids, asks, received_at"
     before = {"trades": fingerprint(pg_dsn, "trades", OLD_TRADES),
               "price_snapshots": fingerprint(pg_dsn, "price_snapshots", "*"),
-              "orderbook_snapshots": fingerprint(pg_dsn, "orderbook_snapshots", books)}
-    assert before["trades"][0] == 6002
+              "orderbook_snapshots": fingerprint(pg_dsn, "orderbook_snapshots", books),
+              "book_events": fingerprint(pg_dsn, "book_events", "*")}
+    assert before["trades"][0] == 6002 and before["book_events"][0] == 2000
 
     assert migrate(pg_dsn)[0] == 23  # and any later ones
 
     after = {"trades": fingerprint(pg_dsn, "trades", OLD_TRADES),
              "price_snapshots": fingerprint(pg_dsn, "price_snapshots", "*"),
-             "orderbook_snapshots": fingerprint(pg_dsn, "orderbook_snapshots", books)}
+             "orderbook_snapshots": fingerprint(pg_dsn, "orderbook_snapshots", books),
+             "book_events": fingerprint(pg_dsn, "book_events", "*")}
     assert after == before  # every row, once, every value unchanged
     today = datetime.now(UTC).date()
     for table in PARTITIONED:
@@ -174,8 +182,12 @@ def test_rows_far_in_the_past_or_future_get_their_own_partition(writer, db):
     writer.add("trades", far)
     writer.add("price_snapshots", [{"token_id": TOKEN, "ts": datetime(2098, 6, 1, 23, 30, tzinfo=timezone(
         timedelta(hours=-5)))}])  # 2098-06-02 in UTC
+    writer.add("book_events", [{"token_id": TOKEN, "ts": datetime(2097, 2, 3, tzinfo=UTC), "kind": "b",
+                                "hash": "\\x" + "ab" * 20, "bids": "{{0.5,1}}", "asks": "{}",
+                                "received_at": datetime(2097, 2, 3, tzinfo=UTC)}])
     writer.flush()
-    assert writer.stats()["rows_rejected"] == 0 and writer.stats()["rows_written"] == 3
+    assert writer.stats()["rows_rejected"] == 0 and writer.stats()["rows_written"] == 4
+    assert date(2097, 2, 3) in partitions(db, "book_events")
     assert {date(1999, 1, 2), date(2099, 12, 31)} <= set(partitions(db, "trades"))
     assert date(2098, 6, 2) in partitions(db, "price_snapshots")
     assert query(db, "SELECT tableoid::regclass::text FROM trades ORDER BY ts") == [("trades_p19990102",),

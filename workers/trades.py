@@ -243,7 +243,7 @@ class TradesCollector(Worker):
         # Record every book event (`book`, `price_change`, `tick_size_change`) of the followed
         # tokens in `book_events` (workers/bookevents.py); off: they are only counted.
         "books": (bool, False),
-        "retention": (str, ""),  # trades partitions older than this are dropped ('90d'; '': never)
+        "retention": (str, ""),  # trades and book_events partitions older than this are dropped ('90d'; '': never)
     }
 
     def __init__(self, **kwargs: Any):
@@ -316,7 +316,8 @@ class TradesCollector(Worker):
         self.writer.open()
         # Partitions ahead and retention, in a thread of its own (every shard: they serialize
         # in the database, and the work is done once).
-        self.maintenance = Maintenance(self.dsn, {"trades": self.retention}, name=self.name)
+        self.maintenance = Maintenance(self.dsn, {"trades": self.retention, "book_events": self.retention},
+                                       name=self.name)
         # No retries and a short Retry-After cap inside the client: a request must not
         # hold the socket loop for long; a failed request is retried by our own backoff.
         self.http = Client(timeout=(3.05, 10), rate=o["backfill_rate"], retries=0, deadline=15.0,

@@ -87,6 +87,7 @@ PARTITIONED: dict[str, Partitioned] = {
         Partitioned("trades", "trade_day", "date", time_column="ts"),
         Partitioned("price_snapshots", "ts", "timestamptz"),
         Partitioned("orderbook_snapshots", "ts", "timestamptz"),
+        Partitioned("book_events", "ts", "timestamptz"),  # 0025
     )
 }
 
