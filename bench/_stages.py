@@ -95,21 +95,27 @@ def _cpu(fn, rounds: int) -> float:
     return best
 
 
+def sender(wire: bytes) -> tuple[socket.socket, int]:
+    """One end of a socketpair, and the pid of a forked child writing `wire` into the other."""
+    left, right = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            left.close()
+            right.sendall(wire)
+            right.close()
+        finally:
+            os._exit(0)
+    right.close()
+    return left, pid
+
+
 def _read_cpu(frames: list[str], rounds: int) -> float:
     """CPU of Connection.read() over the frames' wire bytes (server frames: unmasked)."""
     wire = b"".join(ABNF(1, 0, 0, 0, ABNF.OPCODE_TEXT, 0, f.encode()).format() for f in frames)
     best = float("inf")
     for _ in range(rounds):
-        left, right = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                left.close()
-                right.sendall(wire)
-                right.close()
-            finally:
-                os._exit(0)
-        right.close()
+        left, pid = sender(wire)
         ws = BufferedWebSocket(skip_utf8_validation=True)
         ws.sock, ws.connected = left, True
         conn = Connection("ws://socketpair", WsOptions(read_timeout=10.0), connector=lambda *a, **k: ws)

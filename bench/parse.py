@@ -63,22 +63,12 @@ def measure(fn, frames: list[str], messages: int, seconds: float) -> float:
 
 def read_cpu(wire: bytes, frames: int, ours: bool) -> float:
     """This thread's CPU seconds to read `frames` frames of `wire`, sent by a forked child."""
-    import socket
-
     import websocket
 
+    from bench._stages import sender
     from workers.ws import BufferedWebSocket, Connection, WsOptions
 
-    left, right = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            left.close()
-            right.sendall(wire)
-            right.close()
-        finally:
-            os._exit(0)
-    right.close()
+    left, pid = sender(wire)
     left.settimeout(10)
     got = 0
     try:
