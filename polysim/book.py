@@ -110,15 +110,8 @@ class Book:
             [{"price": PRICE_TEXT[p], "size": size_text(s)} for p, s in asks],
         )
 
-    def levels_text(self, token: int) -> str:
-        """`"bids":[...],"asks":[...]` of levels(token), as compact JSON text (the plain
-        form: levels_texts() makes both tokens' at once, and is what the feed uses)."""
-        bids, asks = self.levels(token)
-        return ('"bids":[' + ",".join(f'{{"price":"{x["price"]}","size":"{x["size"]}"}}' for x in bids)
-                + '],"asks":[' + ",".join(f'{{"price":"{x["price"]}","size":"{x["size"]}"}}' for x in asks) + "]")
-
     def levels_texts(self) -> tuple[str, str]:
-        """(levels_text(0), levels_text(1)) with one sort per side: token 1's bids are token
+        """The `"bids":[...],"asks":[...]` compact JSON of levels(0) and of levels(1), with one sort per side: token 1's bids are token
         0's asks read from the worst down, mirrored, and its asks token 0's bids."""
         memo, price = _SIZE_MEMO, PRICE_TEXT
         bid_texts = [(price[p], price[ONE - p], memo.get(s) or _memo_size(s)) for p, s in sorted(self.bids.items())]

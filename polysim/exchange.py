@@ -510,7 +510,7 @@ class Exchange:
             self.tradable.append(m)
 
     def levels_text(self, m: Market, token: int) -> str:
-        """m.book.levels_text(token), formatted once per book version."""
+        """`"bids":[...],"asks":[...]` of the token's book (Book.levels_texts), formatted once per book version."""
         cache = m.levels_cache
         if cache is None or cache[0] != m.book_version:
             cache = m.levels_cache = (m.book_version, m.book.levels_texts())

@@ -9,6 +9,7 @@ key is NULL (or the column's COALESCE default below), an unknown key is an error
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable, Mapping
 
 
@@ -226,11 +227,8 @@ def trade_near_midnight(row: list) -> bool:
         return False
     if text.endswith("+00:00") and len(text) > 16:
         return text[11:16] in _CLOCK_NEAR
-    from .partitions import UTC
-    from datetime import datetime
-
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).strftime("%H:%M") in _CLOCK_NEAR
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc).strftime("%H:%M") in _CLOCK_NEAR
     except ValueError:
         return True  # not a text this code reads: let the guarded path decide
 
