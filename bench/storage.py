@@ -31,12 +31,14 @@ import io
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import statistics
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -465,6 +467,115 @@ def run_migration(args, tmp: Path) -> dict:
             "rows_per_s": round(total / seconds), "partitions": parts}
 
 
+# The trades unique key as it is (0023) and the two narrower ones it could become: a
+# 16-byte digest of the natural key in a generated column, with token_id kept as a key
+# column (what a Citus shard needs: docs/scaling.md) or inside the digest. trim_scale
+# keeps 0.48 and 0.480 one key, as the numeric columns do.
+_DIGEST = ("md5({tok}tx_hash || '|' || trim_scale(price)::text || '|' || trim_scale(size)::text || '|' || side"
+           " || '|' || ordinal::text)::uuid")
+KEY_VARIANTS = {
+    "natural": (),
+    "digest+token": ("ALTER TABLE trades ADD COLUMN key uuid GENERATED ALWAYS AS"
+                     " (" + _DIGEST.format(tok="") + ") STORED",
+                     "CREATE UNIQUE INDEX trades_key_digest ON trades (token_id, key, trade_day)",
+                     "DROP INDEX trades_key"),
+    "digest": ("ALTER TABLE trades ADD COLUMN key uuid GENERATED ALWAYS AS"
+               " (" + _DIGEST.format(tok="token_id || '|' || ") + ") STORED",
+               "CREATE UNIQUE INDEX trades_key_digest ON trades (key, trade_day)",
+               "DROP INDEX trades_key"),
+}
+
+
+def key_batches(n: int, batch: int = 5000, seed: int = 7) -> list[bytes]:
+    """n trades rows as COPY text, in 5,000-row batches: 100 tokens of 78 digits, random
+    66-character transaction hashes (as the exchange's are), one UTC day, ms apart."""
+    rnd = random.Random(seed)
+    tokens = [str(10**77 + 7919 * 1000003 * k) for k in range(100)]
+    base = datetime(2026, 6, 1, 1, 0, tzinfo=timezone.utc)
+    out = []
+    for start in range(0, n, batch):
+        lines = []
+        for i in range(start, min(n, start + batch)):
+            ts = (base + timedelta(milliseconds=i)).isoformat()
+            lines.append(f"{tokens[rnd.randrange(100)]}\t0x{rnd.getrandbits(256):064x}\t{ts}\t0.{rnd.randrange(1, 999):03d}"
+                         f"\t{rnd.randrange(1, 100000) / 100}\t{'BUY' if i & 1 else 'SELL'}\t0x{rnd.getrandbits(256):064x}"
+                         f"\t0\t0\tws\t{ts}\t2026-06-01\n")
+        out.append("".join(lines).encode())
+    return out
+
+
+def run_keys(args) -> dict:
+    """The same rows COPYed (5,000-row transactions) into trades with each KEY_VARIANTS
+    unique key, in fresh schemas one after the other: per segment of the fill, rows/s
+    (wall), the backend's CPU per row (/proc) and WAL bytes per row; at the end, each
+    index's size. The table grows past shared_buffers, as a day's partition does."""
+    from bench._stages import _backend_cpu
+
+    batches = key_batches(args.key_rows)
+    columns = ", ".join(c for c, _ in TABLES["trades"].columns)
+    per_segment = max(1, args.key_rows // 4 // 5000)
+    out = {}
+    for name, ddl in KEY_VARIANTS.items():
+        with Schema(args.dsn) as dsn:
+            conn = psycopg2.connect(dsn, connect_timeout=10)
+            create(conn, "trades", [date(2026, 6, 1)])  # first: the DDL below then reaches it
+            with conn.cursor() as cur:
+                for sql in ddl:
+                    cur.execute(sql)
+                conn.commit()
+                segments = []
+                for first in range(0, len(batches), per_segment):
+                    part = batches[first:first + per_segment]
+                    cur.execute("SELECT pg_current_wal_lsn()")
+                    lsn = cur.fetchone()[0]
+                    cpu, wall = _backend_cpu(cur), time.perf_counter()
+                    for data in part:
+                        cur.copy_expert(f"COPY trades ({columns}) FROM STDIN", io.BytesIO(data), size=len(data) + 1)
+                        conn.commit()
+                    wall, cpu = time.perf_counter() - wall, _backend_cpu(cur) - cpu
+                    cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn,))
+                    wal = float(cur.fetchone()[0])
+                    rows = sum(d.count(b"\n") for d in part)
+                    segments.append({"rows_after": (first + len(part)) * 5000, "rows_per_s": round(rows / wall),
+                                     "server_us_per_row": round(cpu / rows * 1e6, 2),
+                                     "wal_bytes_per_row": round(wal / rows)})
+                    conn.commit()
+                # The same key must be refused by each variant: the first row again, its
+                # price and size written with trailing zeros (numerically equal).
+                first = batches[0].split(b"\n", 1)[0].decode().split("\t")
+                first[3], first[4] = first[3] + "00", first[4] + ("" if "." in first[4] else ".") + "0"
+                try:
+                    cur.copy_expert(f"COPY trades ({columns}) FROM STDIN", io.StringIO("\t".join(first) + "\n"))
+                    refuses = False
+                except psycopg2.errors.UniqueViolation:
+                    refuses = True
+                conn.rollback()
+                cur.execute("SELECT i.indexrelid::regclass::text, pg_relation_size(i.indexrelid) FROM pg_index i"
+                            " WHERE i.indrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'trades'::regclass)"
+                            " AND pg_relation_size(i.indexrelid) > 65536")
+                indexes = {re.sub(r"_p\d{8}", "", n): round(b / args.key_rows, 1) for n, b in cur.fetchall()}
+                conn.commit()
+            conn.close()
+        out[name] = {"segments": segments, "index_bytes_per_row": indexes, "refuses_a_repeat": refuses}
+    return out
+
+
+def report_keys(args, keys: dict) -> None:
+    conn = psycopg2.connect(args.dsn, connect_timeout=10)
+    with conn.cursor() as cur:
+        cur.execute("SHOW shared_buffers")
+        buffers = cur.fetchone()[0]
+    conn.close()
+    print(f"\ntrades unique key, {args.key_rows:,} rows COPYed in 5,000-row transactions into one day's partition"
+          f" (shared_buffers {buffers}); per quarter of the fill: rows/s, server CPU us/row, WAL bytes/row")
+    for name, k in keys.items():
+        segs = "  ".join(f"{s['rows_after'] // 1000:>5}k: {s['rows_per_s']:>6,}/s {s['server_us_per_row']:>5.1f}us"
+                         f" {s['wal_bytes_per_row']:>5}B" for s in k["segments"])
+        print(f"{name:<13}{segs}")
+        print(f"{'':<13}index bytes per row: " + ", ".join(f"{n} {b}" for n, b in k["index_bytes_per_row"].items())
+              + f"; refuses the first row again (0.480 for 0.48): {'yes' if k['refuses_a_repeat'] else 'NO'}")
+
+
 def run_replay(dsn: str, n: int, tmp: Path) -> dict:
     """Spool n trade rows with the database unreachable, then time a fresh Writer draining it."""
     spool = tmp / "replay-spool"
@@ -500,9 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--book-levels", type=int, default=20, help="levels a side in the book format comparison (0: the real books in tests/data)")
     parser.add_argument("--migrate-rows", type=int, default=0,
                         help="time migration 0023 on a database of N rows (45%% trades, 45%% prices, 10%% books)")
+    parser.add_argument("--key-rows", type=int, default=2_000_000, help="trade rows per variant in the keys case")
     parser.add_argument("--cases", default="writer,partitions,formats",
                         help="comma list of: writer (the Writer's paths, spool replay), partitions (before/after "
-                             "0023: bytes per row, insert rates), formats (order book storage formats); "
+                             "0023: bytes per row, insert rates), formats (order book storage formats), keys (the trades "
+                             "unique key, natural vs digests, as one day's partition grows past shared_buffers); "
                              "--migrate-rows adds the migration")
     args = parser.parse_args(argv)
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
@@ -548,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         partitioning = run_partitioning(args, tmp, args.rounds) if "partitions" in cases else None
         formats = run_book_formats(args, tmp) if "formats" in cases else None
         migration = run_migration(args, tmp) if args.migrate_rows > 0 else None
+        keys = run_keys(args) if "keys" in cases else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -580,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmigration 0023 of a populated database: {migration['total_rows']:,} rows ({migration['rows']}) in "
               f"{migration['seconds']:.1f} s = {migration['rows_per_s']:,} rows/s; partitions {migration['partitions']}")
         summary["migration"] = migration
+    if keys is not None:
+        report_keys(args, keys)
+        summary["keys"] = keys
     print(json.dumps(summary, default=str))
     return 0
 

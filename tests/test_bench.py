@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 QUICK = {
     "storage": ["--rows", "3000", "--naive-rows", "200", "--book-rows", "300", "--replay-rows", "2000", "--rounds", "1",
-                "--migrate-rows", "3000"],
+                "--migrate-rows", "3000", "--cases", "writer,partitions,formats,keys", "--key-rows", "20000"],
     "books": ["--markets", "60", "--cycles", "1"],
     "book_events": ["--quick"],
     "ingest": ["--quick"],
