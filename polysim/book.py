@@ -42,18 +42,6 @@ def size_text(cents: int) -> str:
     return f"{whole}.{frac:02d}"
 
 
-# Size texts of the levels books hold (a level keeps its size until it changes, so the
-# books' texts are mostly the same sizes again: levels_texts looks them up). Bounded.
-_SIZE_MEMO: dict[int, str] = {}
-
-
-def _memo_size(cents: int) -> str:
-    if len(_SIZE_MEMO) >= 200_000:
-        _SIZE_MEMO.clear()
-    text = _SIZE_MEMO[cents] = size_text(cents)
-    return text
-
-
 # Every size a fill can have (at most 1000.00: Exchange._trade), formatted once as
 # size_text() would (whole part, then the cents' fraction text), in ~10 ms.
 SIZE_MAX = 100_000
@@ -68,15 +56,47 @@ def book_hash(summary: dict) -> str:
     return hashlib.sha1(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
-class Book:
-    """Levels of token 0: bids and asks as {price_units: size_cents}; best bid < best ask."""
+class _SideText:
+    """The wire text of one side of token 0's book (`zero`) and of its mirror on token 1
+    (`one`), made from the levels in `seen` (a copy of the side's dict)."""
 
-    __slots__ = ("bids", "asks", "tick")
+    __slots__ = ("seen", "zero", "one")
+
+    def __init__(self):
+        self.seen: dict[int, int] | None = None
+        self.zero = self.one = ""
+
+    def update(self, side: dict[int, int], descending: bool) -> None:
+        """Bring the texts up to date with `side`, a dict of {price: size}.
+
+        In order: compare `side` with the saved copy (one C-level dict comparison: the
+        side a trade did not touch, or a book read again, stops here); sort the levels in
+        wire order; format each level for both tokens; join; save a copy of `side`.
+        """
+        if side == self.seen:
+            return
+        price = PRICE_TEXT
+        levels = [(p, size_text(s)) for p, s in sorted(side.items(), reverse=descending)]
+        self.zero = ",".join([f'{{"price":"{price[p]}","size":"{s}"}}' for p, s in levels])
+        self.one = ",".join([f'{{"price":"{price[ONE - p]}","size":"{s}"}}' for p, s in levels])
+        self.seen = dict(side)
+
+
+class Book:
+    """Levels of token 0: bids and asks as {price_units: size_cents}; best bid < best ask.
+
+    The engine changes `bids` and `asks` in place (or replaces them); levels_texts()
+    notices by comparing them with the copies its cached texts were made from.
+    """
+
+    __slots__ = ("bids", "asks", "tick", "_bid_text", "_ask_text")
 
     def __init__(self, tick: int):
         self.bids: dict[int, int] = {}
         self.asks: dict[int, int] = {}
         self.tick = tick
+        self._bid_text = _SideText()
+        self._ask_text = _SideText()
 
     # -- top of book, per token -------------------------------------------------
     def best_bid(self, token: int) -> int | None:
@@ -111,17 +131,18 @@ class Book:
         )
 
     def levels_texts(self) -> tuple[str, str]:
-        """The `"bids":[...],"asks":[...]` compact JSON of levels(0) and of levels(1), with one sort per side: token 1's bids are token
-        0's asks read from the worst down, mirrored, and its asks token 0's bids."""
-        memo, price = _SIZE_MEMO, PRICE_TEXT
-        bid_texts = [(price[p], price[ONE - p], memo.get(s) or _memo_size(s)) for p, s in sorted(self.bids.items())]
-        ask_texts = [(price[p], price[ONE - p], memo.get(s) or _memo_size(s))
-                     for p, s in sorted(self.asks.items(), reverse=True)]
-        zero = ('"bids":[' + ",".join([f'{{"price":"{a}","size":"{s}"}}' for a, _, s in bid_texts])
-                + '],"asks":[' + ",".join([f'{{"price":"{a}","size":"{s}"}}' for a, _, s in ask_texts]) + "]")
-        one = ('"bids":[' + ",".join([f'{{"price":"{b}","size":"{s}"}}' for _, b, s in ask_texts])
-               + '],"asks":[' + ",".join([f'{{"price":"{b}","size":"{s}"}}' for _, b, s in bid_texts]) + "]")
-        return zero, one
+        """The `"bids":[...],"asks":[...]` compact JSON of levels(0) and of levels(1).
+
+        Token 0's bids (ascending) read in the same order are token 1's asks (descending
+        at 1 - p), and its asks (descending) token 1's bids (ascending): each side is
+        sorted and formatted once for both tokens, and only when it changed
+        (_SideText.update; a trade changes one side).
+        """
+        bids, asks = self._bid_text, self._ask_text
+        bids.update(self.bids, descending=False)
+        asks.update(self.asks, descending=True)
+        return (f'"bids":[{bids.zero}],"asks":[{asks.zero}]',
+                f'"bids":[{asks.one}],"asks":[{bids.one}]')
 
     def level_size(self, token: int, side: str, price: int) -> int:
         """Current size in cents at `price` on `side` ('BUY' bids / 'SELL' asks) of a token."""

@@ -405,8 +405,9 @@ class Exchange:
         levels = book.asks if asks else book.bids
         cid, (t0, t1) = m.condition_id, m.tokens
         entries = []
+        texts = book.levels_texts()
         for token, tok in ((0, t0), (1, t1)):
-            h = self.rest_hash(m, token, self.levels_text(m, token))
+            h = self.rest_hash(m, token, texts[token])
             bb, ba = book.best_bid(token), book.best_ask(token)
             tail = (f'","hash":"{h}","best_bid":"{PRICE_TEXT[bb] if bb is not None else "0"}",'
                     f'"best_ask":"{PRICE_TEXT[ba] if ba is not None else "0"}"}}')
@@ -509,31 +510,35 @@ class Exchange:
             m.updated_ms = self.now_ms
             self.tradable.append(m)
 
-    def levels_text(self, m: Market, token: int) -> str:
-        """`"bids":[...],"asks":[...]` of the token's book (Book.levels_texts), formatted once per book version."""
-        cache = m.levels_cache
-        if cache is None or cache[0] != m.book_version:
-            cache = m.levels_cache = (m.book_version, m.book.levels_texts())
-        return cache[1][token]
-
     def rest_hash(self, m: Market, token: int, levels: str) -> str:
         """The hash of the REST book (book_summary) now, from its levels text: SHA-1 of the
         compact summary with hash "" (polymarket-api.md §3.1). A WS `book` and each
         `price_change` entry carry this same hash: the recorded WS book's hash verifies
-        only as the REST summary's, min_order_size and neg_risk included."""
+        only as the REST summary's, min_order_size and neg_risk included.
+
+        The hash is kept per token with what it was made from (levels text, book time,
+        tick, last trade): a trade's `price_change` and the `book` refresh after it hash
+        the same summary once.
+        """
         last = m.last_trade[token]
+        key = (levels, m.book_ms, m.book.tick, last)
+        saved = m.rest_hashes[token]
+        if saved is not None and saved[0] == key:
+            return saved[1]
         text = (f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}",'
                 f'"hash":"",{levels},"min_order_size":"5","tick_size":"{TICK_TEXT[m.book.tick]}",'
                 f'"neg_risk":{"true" if m.event.neg_risk else "false"},'
                 f'"last_trade_price":"{PRICE_TEXT[last[0]] if last else ""}"}}')
-        return hashlib.sha1(text.encode()).hexdigest()
+        h = hashlib.sha1(text.encode()).hexdigest()
+        m.rest_hashes[token] = (key, h)
+        return h
 
     def book_text(self, m: Market, token: int, initial: bool) -> str:
         """json.dumps(book_summary(m, token, ws=True, initial), compact), formatted directly."""
         last = m.last_trade[token]
         extra = (f',"tick_size":"{TICK_TEXT[m.book.tick]}","last_trade_price":"{PRICE_TEXT[last[0]] if last else ""}"'
                  if initial else "")
-        levels = self.levels_text(m, token)
+        levels = m.book.levels_texts()[token]
         return (f'{{"market":"{m.condition_id}","asset_id":"{m.tokens[token]}","timestamp":"{m.book_ms}",'
                 f'"hash":"{self.rest_hash(m, token, levels)}",{levels}{extra},"event_type":"book"}}')
 

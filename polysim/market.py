@@ -85,7 +85,7 @@ class Market:
     last_trade: list = field(default_factory=lambda: [None, None])  # per token: (units, side)
     book_version: int = 0
     book_ms: int = 0  # time of the last book change (the book's `timestamp`; strictly increasing)
-    levels_cache: tuple | None = None  # (book_version, tick, [levels_text of token 0, of token 1]) (Exchange.rest_hash)
+    rest_hashes: list = field(default_factory=lambda: [None, None])  # per token: (what it hashed, hash) (Exchange.rest_hash)
     top_sent: tuple | None = None  # last best bid/ask announced by best_bid_ask
     proposal_mid: int | None = None  # token 0 mid when trading stopped (Gamma's price while proposed)
     trade_head: tuple | None = None  # per token, the fixed start of its trade messages (Exchange._trade_heads)
