@@ -32,20 +32,18 @@ def _price_text(units: int) -> str:
 PRICE_TEXT: tuple[str, ...] = tuple(_price_text(u) for u in range(ONE + 1))
 
 
+# The text of a size's cents after its whole part: "" for none, ".8" for 80, ".41" for 41.
+_FRACTIONS = [""] + [f".{f // 10}" if f % 10 == 0 else f".{f:02d}" for f in range(1, 100)]
+
+
 def size_text(cents: int) -> str:
     """Cents -> the exchange's size string: "2200.8", "100", "7429.41"."""
-    whole, frac = divmod(cents, 100)
-    if frac == 0:
-        return str(whole)
-    if frac % 10 == 0:
-        return f"{whole}.{frac // 10}"
-    return f"{whole}.{frac:02d}"
+    return str(cents // 100) + _FRACTIONS[cents % 100]
 
 
 # Every size a fill can have (at most 1000.00: Exchange._trade), formatted once as
-# size_text() would (whole part, then the cents' fraction text), in ~10 ms.
+# size_text() would, in ~10 ms.
 SIZE_MAX = 100_000
-_FRACTIONS = [""] + [f".{f // 10}" if f % 10 == 0 else f".{f:02d}" for f in range(1, 100)]
 SIZE_TEXT: tuple[str, ...] = tuple(w + f for w in map(str, range(SIZE_MAX // 100 + 1)) for f in _FRACTIONS)[:SIZE_MAX + 1]
 
 
@@ -58,28 +56,33 @@ def book_hash(summary: dict) -> str:
 
 class _SideText:
     """The wire text of one side of token 0's book (`zero`) and of its mirror on token 1
-    (`one`), made from the levels in `seen` (a copy of the side's dict)."""
+    (`one`), made from the levels in `seen` (a copy of the side's dict); `best` is that
+    side's best price (the last level in wire order), None when it is empty."""
 
-    __slots__ = ("seen", "zero", "one")
+    __slots__ = ("seen", "zero", "one", "best")
 
     def __init__(self):
         self.seen: dict[int, int] | None = None
         self.zero = self.one = ""
+        self.best: int | None = None
 
-    def update(self, side: dict[int, int], descending: bool) -> None:
-        """Bring the texts up to date with `side`, a dict of {price: size}.
+    def update(self, side: dict[int, int], descending: bool) -> bool:
+        """Bring the texts up to date with `side`, a dict of {price: size}; False when
+        they already were.
 
         In order: compare `side` with the saved copy (one C-level dict comparison: the
         side a trade did not touch, or a book read again, stops here); sort the levels in
         wire order; format each level for both tokens; join; save a copy of `side`.
         """
         if side == self.seen:
-            return
+            return False
         price = PRICE_TEXT
         levels = [(p, size_text(s)) for p, s in sorted(side.items(), reverse=descending)]
         self.zero = ",".join([f'{{"price":"{price[p]}","size":"{s}"}}' for p, s in levels])
         self.one = ",".join([f'{{"price":"{price[ONE - p]}","size":"{s}"}}' for p, s in levels])
         self.seen = dict(side)
+        self.best = levels[-1][0] if levels else None
+        return True
 
 
 class Book:
@@ -89,7 +92,7 @@ class Book:
     notices by comparing them with the copies its cached texts were made from.
     """
 
-    __slots__ = ("bids", "asks", "tick", "_bid_text", "_ask_text")
+    __slots__ = ("bids", "asks", "tick", "_bid_text", "_ask_text", "_texts")
 
     def __init__(self, tick: int):
         self.bids: dict[int, int] = {}
@@ -97,6 +100,7 @@ class Book:
         self.tick = tick
         self._bid_text = _SideText()
         self._ask_text = _SideText()
+        self._texts = ("", "")  # what levels_texts() returned last
 
     # -- top of book, per token -------------------------------------------------
     def best_bid(self, token: int) -> int | None:
@@ -109,6 +113,12 @@ class Book:
         if token == 0:
             return min(self.asks) if self.asks else None
         return ONE - max(self.bids) if self.bids else None
+
+    def top(self) -> tuple[int | None, int | None]:
+        """(best bid, best ask) of token 0, as best_bid(0), best_ask(0) (kept with the
+        levels texts, which are brought up to date first: cheap when they are)."""
+        self.levels_texts()
+        return self._bid_text.best, self._ask_text.best
 
     def mid(self, token: int) -> int | None:
         bid, ask = self.best_bid(token), self.best_ask(token)
@@ -136,13 +146,14 @@ class Book:
         Token 0's bids (ascending) read in the same order are token 1's asks (descending
         at 1 - p), and its asks (descending) token 1's bids (ascending): each side is
         sorted and formatted once for both tokens, and only when it changed
-        (_SideText.update; a trade changes one side).
+        (_SideText.update; a trade changes one side); the pair is joined again only then
+        (the same two strings otherwise).
         """
         bids, asks = self._bid_text, self._ask_text
-        bids.update(self.bids, descending=False)
-        asks.update(self.asks, descending=True)
-        return (f'"bids":[{bids.zero}],"asks":[{asks.zero}]',
-                f'"bids":[{asks.one}],"asks":[{bids.one}]')
+        if bids.update(self.bids, descending=False) | asks.update(self.asks, descending=True):
+            self._texts = (f'"bids":[{bids.zero}],"asks":[{asks.zero}]',
+                           f'"bids":[{asks.one}],"asks":[{bids.one}]')
+        return self._texts
 
     def level_size(self, token: int, side: str, price: int) -> int:
         """Current size in cents at `price` on `side` ('BUY' bids / 'SELL' asks) of a token."""

@@ -5,8 +5,9 @@ Exchange.rest_hash keeps a token's hash until what it hashes changes. Here, afte
 every engine step of a busy seed (trades, book changes, closes, resolutions, new
 markets, tick changes), and after changes made to the dicts directly (as the engine
 and tests do), every open book's texts and hashes are compared with json.dumps of
-Book.levels() and book_hash of the summary built from them, and every hash a
-`price_change` carried with the REST hash of that moment."""
+Book.levels() and book_hash of the summary built from them (Book.top() with max/min
+of the dicts), and every hash a `price_change` carried with the REST hash of that
+moment."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def reference_hash(x: Exchange, m, token: int) -> str:
 
 def check(x: Exchange, m) -> None:
     texts = m.book.levels_texts()
+    assert m.book.top() == (max(m.book.bids, default=None), min(m.book.asks, default=None))
     for k in (0, 1):
         assert texts[k] == reference_levels(m.book, k)
         want = reference_hash(x, m, k)
@@ -109,3 +111,16 @@ def test_texts_follow_direct_changes_to_the_dicts():
     check(x, m)
     m.book_ms += 1
     check(x, m)
+
+
+def test_size_text_equals_the_branching_formula():
+    from polysim.book import size_text
+
+    def reference(cents):
+        whole, frac = divmod(cents, 100)
+        if frac == 0:
+            return str(whole)
+        return f"{whole}.{frac // 10}" if frac % 10 == 0 else f"{whole}.{frac:02d}"
+
+    for cents in [*range(0, 20_000), *range(4_999_000, 5_001_000), 10**12 + 7]:
+        assert size_text(cents) == reference(cents)
