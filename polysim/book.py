@@ -57,31 +57,46 @@ def book_hash(summary: dict) -> str:
 class _SideText:
     """The wire text of one side of token 0's book (`zero`) and of its mirror on token 1
     (`one`), made from the levels in `seen` (a copy of the side's dict); `best` is that
-    side's best price (the last level in wire order), None when it is empty."""
+    side's best price (the last level in wire order), None when it is empty, and `cut0`,
+    `cut1` where its level's text starts in `zero` and `one`."""
 
-    __slots__ = ("seen", "zero", "one", "best")
+    __slots__ = ("seen", "zero", "one", "best", "cut0", "cut1")
 
     def __init__(self):
         self.seen: dict[int, int] | None = None
         self.zero = self.one = ""
         self.best: int | None = None
+        self.cut0 = self.cut1 = 0
 
     def update(self, side: dict[int, int], descending: bool) -> bool:
         """Bring the texts up to date with `side`, a dict of {price: size}; False when
         they already were.
 
         In order: compare `side` with the saved copy (one C-level dict comparison: the
-        side a trade did not touch, or a book read again, stops here); sort the levels in
-        wire order; format each level for both tokens; join; save a copy of `side`.
+        side a trade did not touch, or a book read again, stops here). When only the
+        best level's size differs (a partial fill, most trades), replace that level's
+        text at the end of both texts. Otherwise sort the levels in wire order, format
+        each for both tokens and join. Last, save a copy of `side`.
         """
-        if side == self.seen:
+        seen = self.seen
+        if side == seen:
             return False
-        price = PRICE_TEXT
+        price, best = PRICE_TEXT, self.best
+        if best is not None and best in side and len(side) == len(seen):
+            seen[best] = size = side[best]  # what seen would be if only the best level changed
+            if side == seen:
+                text = size_text(size)
+                self.zero = f'{self.zero[:self.cut0]}{{"price":"{price[best]}","size":"{text}"}}'
+                self.one = f'{self.one[:self.cut1]}{{"price":"{price[ONE - best]}","size":"{text}"}}'
+                return True
         levels = [(p, size_text(s)) for p, s in sorted(side.items(), reverse=descending)]
-        self.zero = ",".join([f'{{"price":"{price[p]}","size":"{s}"}}' for p, s in levels])
-        self.one = ",".join([f'{{"price":"{price[ONE - p]}","size":"{s}"}}' for p, s in levels])
-        self.seen = dict(side)
+        zero = [f'{{"price":"{price[p]}","size":"{s}"}}' for p, s in levels]
+        one = [f'{{"price":"{price[ONE - p]}","size":"{s}"}}' for p, s in levels]
+        self.zero, self.one = ",".join(zero), ",".join(one)
         self.best = levels[-1][0] if levels else None
+        self.cut0 = len(self.zero) - len(zero[-1]) if levels else 0
+        self.cut1 = len(self.one) - len(one[-1]) if levels else 0
+        self.seen = dict(side)
         return True
 
 

@@ -85,8 +85,9 @@ def test_cached_texts_and_hashes_equal_the_reference_at_every_step():
 
 
 def test_texts_follow_direct_changes_to_the_dicts():
-    """Changes the cache is not told about: a size changed and changed back, a level moved
-    with the same count, whole dicts replaced, a tick changed, a trade price set."""
+    """Changes the cache is not told about: a best size changed and changed back, the best
+    and another level changed at once, a level moved with the same count, whole dicts
+    replaced, a tick changed, a trade price set."""
     x = Exchange(Options(markets=6, seed=2, trade_rate=0.0, book_rate=0.0), 1786000000000)
     m = next(m for m in x.markets if m.state == "open")
     book = m.book
@@ -96,6 +97,11 @@ def test_texts_follow_direct_changes_to_the_dicts():
     book.bids[p] = size + 1
     check(x, m)
     book.bids[p] = size
+    check(x, m)
+    book.bids[p] += 2  # the best level and another one: not only the best changed
+    book.bids[min(book.bids)] += 3
+    check(x, m)
+    book.asks[min(book.asks)] += 4  # the best ask alone
     check(x, m)
     q = min(book.asks)
     book.asks[q + book.tick * 50] = book.asks.pop(q)
