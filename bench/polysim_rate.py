@@ -37,6 +37,7 @@ import urllib.request
 import websocket
 
 from bench import _polysim
+from bench.ingest import cpu_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,13 +60,6 @@ def tokens_of(port: int) -> list[str]:
         out += [t["token_id"] for m in page["data"] for t in m["tokens"]]
         cursor = page["next_cursor"]
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) in seconds, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def read_one(port: int, pid: int, tokens: list[str], seconds: float, warmup: float) -> tuple:

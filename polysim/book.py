@@ -129,11 +129,15 @@ class Book:
             return min(self.asks) if self.asks else None
         return ONE - max(self.bids) if self.bids else None
 
-    def top(self) -> tuple[int | None, int | None]:
-        """(best bid, best ask) of token 0, as best_bid(0), best_ask(0) (kept with the
-        levels texts, which are brought up to date first: cheap when they are)."""
+    def top(self, token: int = 0) -> tuple[int | None, int | None]:
+        """(best bid, best ask) of token 0 or 1, as (best_bid(token), best_ask(token)), from
+        the best levels kept with the levels texts (brought up to date first: cheap when
+        they are). Token 1's best bid is 1 - token 0's best ask, its best ask 1 - the best bid."""
         self.levels_texts()
-        return self._bid_text.best, self._ask_text.best
+        bid, ask = self._bid_text.best, self._ask_text.best
+        if token == 0:
+            return bid, ask
+        return (ONE - ask if ask is not None else None), (ONE - bid if bid is not None else None)
 
     def mid(self, token: int) -> int | None:
         bid, ask = self.best_bid(token), self.best_ask(token)

@@ -406,13 +406,9 @@ class Exchange:
         cid, (t0, t1) = m.condition_id, m.tokens
         entries = []
         texts = book.levels_texts()
-        bid, ask = book.top()
         for token, tok in ((0, t0), (1, t1)):
             h = self.rest_hash(m, token, texts[token])
-            if token == 0:
-                bb, ba = bid, ask
-            else:  # token 1's best bid is 1 - token 0's best ask, its best ask 1 - the best bid
-                bb, ba = (ONE - ask if ask is not None else None), (ONE - bid if bid is not None else None)
+            bb, ba = book.top(token)
             tail = (f'","hash":"{h}","best_bid":"{PRICE_TEXT[bb] if bb is not None else "0"}",'
                     f'"best_ask":"{PRICE_TEXT[ba] if ba is not None else "0"}"}}')
             # Token 0's asks are token 1's bids at 1 - p.
@@ -449,7 +445,7 @@ class Exchange:
                 m.top_sent = top
                 for k, tok in enumerate(m.tokens):
                     if self.sink.wants(tok):
-                        bb, ba = book.best_bid(k), book.best_ask(k)
+                        bb, ba = book.top(k)
                         # Compact JSON of plain strings, formatted directly (one per touched token).
                         self.sink.emit((tok,), (
                             f'{{"market":"{m.condition_id}","asset_id":"{tok}",'
